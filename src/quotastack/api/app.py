@@ -1,0 +1,96 @@
+"""The HTTP application: FastAPI for the API surface, wrapped by the Edge (see edge.py)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..domain.errors import InvalidRequest, NotFound, QuotaStackError
+from ..service import entitlements
+from ..service.ports import Database
+from ..service.subscriptions import ensure_subscription
+from .auth import Authenticator, RateLimiter
+from .edge import Edge, Metrics
+from .mutations import Mutations
+from .render import JSON, error_body, error_response
+from .routes import build_router
+
+log = logging.getLogger("quotastack")
+
+
+@dataclass
+class Settings:
+    operator_key: str | None = None
+    rate_limit_per_second: float = 0.0
+    docs_dir: str | None = None
+
+
+def _request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", "req_unknown"))
+
+
+def create_app(db: Database, settings: Settings | None = None) -> Edge:
+    settings = settings or Settings()
+    auth = Authenticator(db, settings.operator_key, RateLimiter(settings.rate_limit_per_second))
+    mutations = Mutations(db)
+    metrics = Metrics()
+    app = FastAPI(title="QuotaStack", version=__version__, default_response_class=JSON,
+                  openapi_url="/openapi.json", docs_url="/docs", redoc_url=None,
+                  description="Credit-native billing: exact ledger, real-time entitlements, "
+                              "reservations, resetting quotas.")
+    async def check_endpoint(authorization: str | None, rid: str, query: dict[str, str]) -> dict[str, Any]:
+        ctx = auth.context(authorization, rid, ("entitlements:read", "read"))
+        end_user_id = query.get("end_user_id")
+        feature_key = query.get("feature_key")
+        if not end_user_id or len(end_user_id) > 255:
+            raise InvalidRequest("end_user_id is required (1 to 255 characters)", "end_user_id")
+        if not feature_key:
+            raise InvalidRequest("feature_key is required", "feature_key")
+        units = query.get("units", "1")
+
+        def work() -> dict[str, Any]:
+            with db.reader() as tx:
+                result = entitlements.check(tx, ctx, end_user_id, feature_key, units)
+            if result is entitlements.NEEDS_SUBSCRIPTION:
+                with db.transaction() as tx:
+                    ensure_subscription(tx, ctx, end_user_id)
+                    result = entitlements.check(tx, ctx, end_user_id, feature_key, units)
+            return result  # type: ignore[no-any-return]
+
+        return await db.run(work)
+
+    app.include_router(build_router(db, auth, mutations, metrics, settings, check_endpoint))
+
+    @app.exception_handler(QuotaStackError)
+    async def on_domain_error(request: Request, exc: QuotaStackError) -> JSON:
+        return error_response(exc, _request_id(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSON:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body", "header")]
+        param = ".".join(loc) or None
+        return error_response(InvalidRequest(f"{param}: {first.get('msg')}" if param else first.get("msg", ""),
+                                             param), _request_id(request))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> JSON:
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no route {request.method} {request.url.path}"),
+                                  _request_id(request))
+        body = error_body(exc.status_code, "invalid_request_error", "invalid_request", str(exc.detail),
+                          None, _request_id(request))
+        return JSON(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> JSON:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(QuotaStackError("internal error: nothing was changed"), _request_id(request))
+
+    return Edge(app, check_endpoint, metrics)

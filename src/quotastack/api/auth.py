@@ -1,0 +1,72 @@
+"""API keys to callers: tenant, environment, scopes, and the environment's clock."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Iterable
+
+from ..domain.errors import Forbidden, RateLimited, Unauthenticated
+from ..service import tenants
+from ..service.codec import loads
+from ..service.context import Ctx
+from ..service.ports import Database
+
+
+def bearer(header: str | None) -> str:
+    if not header:
+        raise Unauthenticated("missing API key: send Authorization: Bearer <key>")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthenticated("the Authorization header must be 'Bearer <key>'")
+    return key.strip()
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class RateLimiter:
+    """A token bucket per key: ``rate`` requests a second, bursts of ``2 × rate``. 0 turns it off."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key_id: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        capacity = 2 * self.rate
+        tokens, last = self._buckets.get(key_id, (capacity, now))
+        tokens = min(capacity, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[key_id] = (tokens, now)
+            wait = max(1, int((1 - tokens) / self.rate + 0.999))
+            raise RateLimited(f"too many requests: retry after {wait} s", wait)
+        self._buckets[key_id] = (tokens - 1, now)
+
+
+class Authenticator:
+    def __init__(self, db: Database, operator_key: str | None, limiter: RateLimiter) -> None:
+        self.db = db
+        self.operator_key = operator_key
+        self.limiter = limiter
+
+    def context(self, header: str | None, request_id: str, scopes: Iterable[str]) -> Ctx:
+        """The caller's context, if its key is valid and holds one of ``scopes`` (or admin)."""
+        key = bearer(header)
+        with self.db.reader() as tx:
+            principal = tenants.authenticate(tx, key)
+        held = frozenset(loads(principal["scopes"]))
+        self.limiter.take(principal["id"])
+        needed = tuple(scopes)
+        if "admin" not in held and not any(s in held for s in needed):
+            raise Forbidden(f"this key lacks the scope {needed[0]!r} for this call")
+        return Ctx(principal["tenant_id"], principal["env_id"], principal["kind"], principal["id"], held,
+                   now_us() + principal["clock_offset_us"], request_id)
+
+    def operator(self, header: str | None) -> None:
+        key = bearer(header)
+        if not self.operator_key or not hmac.compare_digest(key, self.operator_key):
+            raise Unauthenticated("this call needs the operator key (QUOTASTACK_OPERATOR_KEY)")

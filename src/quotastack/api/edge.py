@@ -1,0 +1,107 @@
+"""The outermost ASGI layer: request ids, Server-Timing, metrics, and the check's fast path.
+
+The entitlement check is every customer's hot path, so it skips the framework: this layer
+answers ``GET /v1/entitlements/check`` itself (same service call, same error envelope as the
+routed endpoint) and hands every other request to the FastAPI app.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from ..domain.errors import InvalidRequest, QuotaStackError
+from .render import dumps, error_of
+
+Scope = dict[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+CHECK_PATH = "/v1/entitlements/check"
+
+
+def request_id() -> str:
+    return "req_" + os.urandom(10).hex()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("quotastack_requests_total", "HTTP requests by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.duration = Histogram(
+            "quotastack_request_duration_seconds", "Time spent in the server per request, by route",
+            ["route"], registry=self.registry,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5),
+        )
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.duration.labels(route).observe(seconds)
+
+
+def _timing(start_ns: int) -> tuple[bytes, float]:
+    elapsed = time.perf_counter_ns() - start_ns
+    return f"app;dur={elapsed / 1e6:.3f}".encode(), elapsed / 1e9
+
+
+class Edge:
+    def __init__(self, app: ASGIApp, check: Callable[..., Awaitable[dict[str, Any]]], metrics: Metrics) -> None:
+        self.app = app
+        self.check = check
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start_ns = time.perf_counter_ns()
+        rid = request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+        if scope["path"] == CHECK_PATH and scope["method"] == "GET":
+            await self._check(scope, send, rid, start_ns)
+            return
+        status = 500
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                timing, _ = _timing(start_ns)
+                message["headers"] = [*message.get("headers", ()), (b"request-id", rid.encode()),
+                                      (b"server-timing", timing)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            route = scope.get("route")
+            self.metrics.observe(getattr(route, "path", "unmatched"), status, _timing(start_ns)[1])
+
+    async def _check(self, scope: Scope, send: Any, rid: str, start_ns: int) -> None:
+        try:
+            query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+            auth = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    auth = value.decode("latin-1")
+                    break
+            body = dumps(await self.check(auth, rid, query))
+            status, retry_after = 200, None
+        except QuotaStackError as exc:
+            status, body = exc.status, dumps(error_of(exc, rid))
+            retry_after = getattr(exc, "retry_after_seconds", None)
+        except UnicodeDecodeError:
+            exc2 = InvalidRequest("malformed query string")
+            status, body, retry_after = exc2.status, dumps(error_of(exc2, rid)), None
+        timing, seconds = _timing(start_ns)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"request-id", rid.encode()), (b"server-timing", timing)]
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        self.metrics.observe(CHECK_PATH, status, seconds)

@@ -1,0 +1,156 @@
+"""Running a mutation: auth, body, idempotency, the unit of work, the audit record.
+
+The idempotency record is written in the same transaction as the change it guards, so a crash
+leaves both or neither. Outcomes of real work (success, ``402``, ``409 invalid_state``) are
+stored and replayed; requests rejected before any work (``400``, ``401``, ``403``, ``404``)
+are not, so fixing and retrying with the same key works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from ..domain.errors import IdempotencyKeyInUse, IdempotencyKeyReused, InvalidRequest, QuotaStackError
+from ..domain.ids import new_id
+from ..service.codec import dumps as dumps_column
+from ..service.context import Ctx
+from ..service.ports import Database, Tx
+from .render import dumps, error_of
+
+STORED_CODES = frozenset({"insufficient_balance", "invalid_state", "subscription_exists"})
+Work = Callable[[Tx], Any]
+
+
+def parse_json(raw: bytes) -> Any:
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw, parse_float=Decimal, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"malformed JSON body: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def validate(model: type[BaseModel], data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(data).model_dump(exclude_unset=True)
+    except ValidationError as exc:
+        raise invalid_from(exc) from None
+
+
+def invalid_from(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    param = ""
+    for part in first["loc"]:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif first["type"] == "missing":
+        message = "missing field"
+    return InvalidRequest(f"{param}: {message}" if param else message, param or None)
+
+
+def idempotency_key(header: str | None) -> str | None:
+    if header is None:
+        return None
+    if not 1 <= len(header) <= 255:
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 characters", "Idempotency-Key")
+    return header
+
+
+def fingerprint(method: str, path: str, data: Any) -> str:
+    canonical = orjson.dumps([method, path, data], default=str, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+class Outcome:
+    __slots__ = ("status", "body", "replayed", "result")
+
+    def __init__(self, status: int, body: bytes, replayed: bool, result: Any = None) -> None:
+        self.status, self.body, self.replayed, self.result = status, body, replayed, result
+
+
+class Mutations:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._running: set[tuple[int, str]] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def claim(self, ctx: Ctx, key: str | None) -> Iterator[None]:
+        """Refuse a key that a request of this process is still working on."""
+        if key is None:
+            yield
+            return
+        slot = (ctx.env_id, key)
+        with self._lock:
+            if slot in self._running:
+                raise IdempotencyKeyInUse("a request with this Idempotency-Key is still being processed",
+                                          "Idempotency-Key")
+            self._running.add(slot)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.discard(slot)
+
+    def once(self, tx: Tx, ctx: Ctx, key: str | None, print_: str, work: Work, status: int) -> Outcome:
+        """Do ``work`` once per key, inside ``tx``; a repeat returns the stored outcome."""
+        if key is None:
+            result = work(tx)
+            return Outcome(status, dumps(result), False, result)
+        stored = tx.get("idempotency_keys", env_id=ctx.env_id, key=key)
+        if stored is not None:
+            if stored["fingerprint"] != print_:
+                raise IdempotencyKeyReused("this Idempotency-Key was used with a different method, path "
+                                           "or body", "Idempotency-Key")
+            return Outcome(int(stored["status"]), bytes(stored["body"]), True)
+        try:
+            with tx.savepoint():
+                result = work(tx)
+            outcome = Outcome(status, dumps(result), False, result)
+        except QuotaStackError as exc:
+            if exc.code not in STORED_CODES:
+                raise
+            outcome = Outcome(exc.status, dumps(error_of(exc, ctx.request_id)), False)
+        tx.insert("idempotency_keys", {"env_id": ctx.env_id, "key": key, "fingerprint": print_,
+                                       "status": outcome.status, "body": outcome.body,
+                                       "created_at_us": ctx.now_us})
+        return outcome
+
+    def execute(self, ctx: Ctx, key: str | None, print_: str, work: Work, status: int, method: str,
+                path: str, object_ids: list[str]) -> Outcome:
+        with self.claim(ctx, key), self.db.transaction() as tx:
+            outcome = self.once(tx, ctx, key, print_, work, status)
+            if not outcome.replayed and outcome.status < 300:
+                audit(tx, ctx, method, path, object_ids + ids_in(outcome.result), outcome.status)
+        return outcome
+
+
+def ids_in(result: Any) -> list[str]:
+    if isinstance(result, dict) and isinstance(result.get("id"), str):
+        return [result["id"]]
+    if isinstance(result, dict) and isinstance(result.get("results"), list):
+        return [r["usage"]["id"] for r in result["results"] if isinstance(r.get("usage"), dict)]
+    return []
+
+
+def audit(tx: Tx, ctx: Ctx, method: str, path: str, object_ids: list[str], status: int) -> None:
+    tx.insert("audit_log", {"id": new_id("aud"), "env_id": ctx.env_id, "key_id": ctx.key_id,
+                            "method": method, "path": path, "object_ids": dumps_column(object_ids),
+                            "status": status, "request_id": ctx.request_id, "created_at_us": ctx.now_us})

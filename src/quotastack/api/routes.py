@@ -1,0 +1,374 @@
+"""Every route of the public API. Routes parse and authorise; services do the work."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import generate_latest
+from pydantic import BaseModel
+
+from ..domain import periods
+from ..domain.errors import InvalidRequest, NotFound, QuotaStackError
+from ..service import catalog, credits, entitlements, queries, subscriptions, tenants, usage
+from ..service.context import Ctx
+from ..service.ports import Database, Tx
+from ..service.subscriptions import ensure_subscription
+from . import schemas
+from .auth import Authenticator, now_us
+from .edge import Metrics
+from .mutations import Mutations, fingerprint, idempotency_key, parse_json, validate
+from .render import JSON, error_of
+
+Limit = Query(50, ge=1, le=500)
+After = Query(None, max_length=255)
+DOCS = Path(__file__).resolve().parents[3] / "docs"
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
+
+def _instant(value: str | None, param: str) -> int | None:
+    return None if value is None else periods.parse_rfc3339(value, param)
+
+
+def build_router(db: Database, auth: Authenticator, mutations: Mutations, metrics: Metrics,
+                 settings: Any, check: Callable[..., Awaitable[dict[str, Any]]]) -> APIRouter:
+    r = APIRouter()
+
+    def rid(request: Request) -> str:
+        return str(request.scope["state"]["request_id"])
+
+    def ctx_for(request: Request, *scopes: str) -> Ctx:
+        return auth.context(request.headers.get("authorization"), rid(request), scopes)
+
+    async def mutate(request: Request, scope: str, model: type[BaseModel] | None,
+                     work: Callable[[Tx, Ctx, dict[str, Any]], Any], status: int = 200,
+                     object_ids: tuple[str, ...] = ()) -> Response:
+        ctx = ctx_for(request, scope)
+        data = validate(model, parse_json(await request.body())) if model else _empty(await request.body())
+        key = idempotency_key(request.headers.get("idempotency-key"))
+        if model is schemas.UsageIn:
+            key = _usage_key(key, data)
+        print_ = fingerprint(request.method, request.url.path, data)
+        outcome = await db.run(mutations.execute, ctx, key, print_, lambda tx: work(tx, ctx, data), status,
+                               request.method, request.url.path, list(object_ids))
+        headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+        return JSON(outcome.body, status_code=outcome.status, headers=headers)
+
+    async def read(request: Request, fn: Callable[[Tx, Ctx], Any], *, settle: bool = False,
+                   scopes: tuple[str, ...] = ("read",)) -> Response:
+        ctx = ctx_for(request, *scopes)
+
+        def work() -> Any:
+            with (db.transaction() if settle else db.reader()) as tx:
+                return fn(tx, ctx)
+
+        return JSON(await db.run(work))
+
+    # ---- service endpoints (no key) -------------------------------------------------------------
+
+    @r.get("/healthz", tags=["service"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @r.get("/readyz", tags=["service"])
+    async def readyz() -> Response:
+        def probe() -> None:
+            with db.reader() as tx:
+                tx.get("tenants", id="")
+
+        try:
+            await db.run(probe)
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            return JSON({"status": "unavailable", "error": str(exc)}, status_code=503)
+        return JSON({"status": "ready", "database": getattr(db, "kind", "unknown")})
+
+    @r.get("/metrics", tags=["service"])
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
+
+    @r.get("/llms.txt", tags=["service"], response_class=PlainTextResponse)
+    async def llms_txt() -> Response:
+        return _doc_file(Path(settings.docs_dir) if settings.docs_dir else DOCS, "llms.txt")
+
+    @r.get("/docs/{page}.md", tags=["service"], response_class=PlainTextResponse)
+    async def doc_page(page: str) -> Response:
+        return _doc_file(Path(settings.docs_dir) if settings.docs_dir else DOCS, f"{page}.md")
+
+    # ---- tenants and keys -----------------------------------------------------------------------
+
+    @r.post("/v1/tenants", status_code=201, tags=["tenants"], openapi_extra=_body_schema(schemas.TenantIn))
+    async def create_tenant(request: Request) -> Response:
+        auth.operator(request.headers.get("authorization"))
+        data = validate(schemas.TenantIn, parse_json(await request.body()))
+
+        def work() -> Any:
+            with db.transaction() as tx:
+                return tenants.create_tenant(tx, data["name"], now_us())
+
+        return JSON(await db.run(work), status_code=201)
+
+    @r.post("/v1/api_keys", status_code=201, tags=["tenants"], openapi_extra=_body_schema(schemas.ApiKeyIn))
+    async def create_key(request: Request) -> Response:
+        return await mutate(request, "keys:write", schemas.ApiKeyIn,
+                            lambda tx, ctx, d: tenants.create_key(tx, ctx, d["name"], d["scopes"]), 201)
+
+    @r.get("/v1/api_keys", tags=["tenants"])
+    async def list_keys(request: Request, limit: int = Limit, starting_after: str | None = After) -> Response:
+        return await read(request, lambda tx, ctx: queries.api_keys(tx, ctx, limit, starting_after))
+
+    @r.delete("/v1/api_keys/{key_id}", tags=["tenants"])
+    async def revoke_key(request: Request, key_id: str) -> Response:
+        return await mutate(request, "keys:write", None,
+                            lambda tx, ctx, d: tenants.revoke_key(tx, ctx, key_id), object_ids=(key_id,))
+
+    # ---- catalog --------------------------------------------------------------------------------
+
+    @r.post("/v1/features", status_code=201, tags=["catalog"], openapi_extra=_body_schema(schemas.FeatureIn))
+    async def create_feature(request: Request) -> Response:
+        return await mutate(request, "catalog:write", schemas.FeatureIn, catalog.create_feature, 201)
+
+    @r.get("/v1/features", tags=["catalog"])
+    async def list_features(request: Request, limit: int = Limit, starting_after: str | None = After) -> Response:
+        return await read(request, lambda tx, ctx: queries.features(tx, ctx, limit, starting_after))
+
+    @r.get("/v1/features/{key}", tags=["catalog"])
+    async def get_feature(request: Request, key: str) -> Response:
+        return await read(request, lambda tx, ctx: catalog.get_feature(tx, ctx, key))
+
+    @r.post("/v1/features/{key}", tags=["catalog"], openapi_extra=_body_schema(schemas.FeatureUpdate))
+    async def update_feature(request: Request, key: str) -> Response:
+        return await mutate(request, "catalog:write", schemas.FeatureUpdate,
+                            lambda tx, ctx, d: catalog.update_feature(tx, ctx, key, d))
+
+    @r.post("/v1/plans", status_code=201, tags=["catalog"], openapi_extra=_body_schema(schemas.PlanIn))
+    async def create_plan(request: Request) -> Response:
+        return await mutate(request, "catalog:write", schemas.PlanIn, catalog.create_plan, 201)
+
+    @r.get("/v1/plans", tags=["catalog"])
+    async def list_plans(request: Request, limit: int = Limit, starting_after: str | None = After) -> Response:
+        return await read(request, lambda tx, ctx: queries.plans(tx, ctx, limit, starting_after))
+
+    @r.get("/v1/plans/{plan_id}", tags=["catalog"])
+    async def get_plan(request: Request, plan_id: str) -> Response:
+        return await read(request, lambda tx, ctx: catalog.get_plan(tx, ctx, plan_id))
+
+    @r.post("/v1/plans/{plan_id}/variants", status_code=201, tags=["catalog"],
+            openapi_extra=_body_schema(schemas.VariantIn))
+    async def create_variant(request: Request, plan_id: str) -> Response:
+        return await mutate(request, "catalog:write", schemas.VariantIn,
+                            lambda tx, ctx, d: catalog.create_variant(tx, ctx, plan_id, d), 201, (plan_id,))
+
+    @r.get("/v1/plans/{plan_id}/variants", tags=["catalog"])
+    async def list_variants(request: Request, plan_id: str, limit: int = Limit,
+                            starting_after: str | None = After) -> Response:
+        return await read(request, lambda tx, ctx: queries.variants(
+            tx, ctx, catalog.find_plan(tx, ctx, plan_id)["id"], limit, starting_after))
+
+    @r.get("/v1/plans/{plan_id}/variants/{variant_id}", tags=["catalog"])
+    async def get_variant(request: Request, plan_id: str, variant_id: str) -> Response:
+        return await read(request, lambda tx, ctx: catalog.get_variant(tx, ctx, variant_id, plan_id))
+
+    @r.get("/v1/plan_variants/{variant_id}", tags=["catalog"])
+    async def get_variant_by_id(request: Request, variant_id: str) -> Response:
+        return await read(request, lambda tx, ctx: catalog.get_variant(tx, ctx, variant_id))
+
+    @r.post("/v1/packs", status_code=201, tags=["catalog"], openapi_extra=_body_schema(schemas.PackIn))
+    async def create_pack(request: Request) -> Response:
+        return await mutate(request, "catalog:write", schemas.PackIn, catalog.create_pack, 201)
+
+    @r.get("/v1/packs", tags=["catalog"])
+    async def list_packs(request: Request, limit: int = Limit, starting_after: str | None = After) -> Response:
+        return await read(request, lambda tx, ctx: queries.packs(tx, ctx, limit, starting_after))
+
+    @r.get("/v1/packs/{key}", tags=["catalog"])
+    async def get_pack(request: Request, key: str) -> Response:
+        return await read(request, lambda tx, ctx: catalog.get_pack(tx, ctx, key))
+
+    @r.post("/v1/packs/{key}/purchase", status_code=201, tags=["credits"],
+            openapi_extra=_body_schema(schemas.PurchaseIn))
+    async def purchase_pack(request: Request, key: str) -> Response:
+        return await mutate(request, "credits:write", schemas.PurchaseIn,
+                            lambda tx, ctx, d: credits.purchase_pack(tx, ctx, key, d), 201)
+
+    # ---- subscriptions ----------------------------------------------------------------------------
+
+    @r.post("/v1/subscriptions", status_code=201, tags=["subscriptions"],
+            openapi_extra=_body_schema(schemas.SubscriptionIn))
+    async def create_subscription(request: Request) -> Response:
+        return await mutate(request, "subscriptions:write", schemas.SubscriptionIn,
+                            subscriptions.create_subscription, 201)
+
+    @r.get("/v1/subscriptions", tags=["subscriptions"])
+    async def list_subscriptions(request: Request, end_user_id: str | None = Query(None, max_length=255),
+                                 status: str | None = Query(None), limit: int = Limit,
+                                 starting_after: str | None = After) -> Response:
+        return await read(request, lambda tx, ctx: queries.subscriptions(tx, ctx, end_user_id, status, limit,
+                                                                         starting_after))
+
+    @r.get("/v1/subscriptions/{subscription_id}", tags=["subscriptions"])
+    async def get_subscription(request: Request, subscription_id: str) -> Response:
+        return await read(request, lambda tx, ctx: subscriptions.get_subscription(tx, ctx, subscription_id))
+
+    # ---- credits ----------------------------------------------------------------------------------
+
+    @r.post("/v1/grants", status_code=201, tags=["credits"], openapi_extra=_body_schema(schemas.GrantIn))
+    async def create_grant(request: Request) -> Response:
+        return await mutate(request, "credits:write", schemas.GrantIn, credits.grant, 201)
+
+    @r.post("/v1/grants/{block_id}/void", tags=["credits"])
+    async def void_grant(request: Request, block_id: str) -> Response:
+        return await mutate(request, "credits:write", None,
+                            lambda tx, ctx, d: credits.void(tx, ctx, block_id), object_ids=(block_id,))
+
+    @r.get("/v1/grants/{block_id}", tags=["credits"])
+    async def get_grant(request: Request, block_id: str) -> Response:
+        return await read(request, lambda tx, ctx: credits.get_block(tx, ctx, block_id))
+
+    @r.get("/v1/balances/{end_user_id}", tags=["credits"])
+    async def get_balances(request: Request, end_user_id: str, feature_key: str | None = None,
+                           at: str | None = None) -> Response:
+        at_us = _instant(at, "at")
+        return await read(request, lambda tx, ctx: credits.balances(tx, ctx, end_user_id, feature_key, at_us),
+                          settle=True)
+
+    # ---- entitlements -------------------------------------------------------------------------------
+
+    @r.get("/v1/entitlements/check", tags=["entitlements"])
+    async def check_entitlement(request: Request, end_user_id: str = Query(..., max_length=255),
+                                feature_key: str = Query(...), units: str = Query("1")) -> Response:
+        """Answered by the Edge's fast path; this route documents it and serves as its twin."""
+        return JSON(await check(request.headers.get("authorization"), rid(request),
+                                {"end_user_id": end_user_id, "feature_key": feature_key, "units": units}))
+
+    @r.get("/v1/entitlements", tags=["entitlements"])
+    async def list_entitlements(request: Request, end_user_id: str = Query(..., min_length=1, max_length=255),
+                                ) -> Response:
+        ctx = ctx_for(request, "entitlements:read", "read")
+
+        def work() -> Any:
+            with db.reader() as tx:
+                result = entitlements.entitlements(tx, ctx, end_user_id)
+            if result is entitlements.NEEDS_SUBSCRIPTION:
+                with db.transaction() as tx:
+                    ensure_subscription(tx, ctx, end_user_id)
+                    result = entitlements.entitlements(tx, ctx, end_user_id)
+            return result
+
+        return JSON(await db.run(work))
+
+    # ---- usage --------------------------------------------------------------------------------------
+
+    @r.post("/v1/usage", status_code=201, tags=["usage"], openapi_extra=_body_schema(schemas.UsageIn))
+    async def record_usage(request: Request) -> Response:
+        return await mutate(request, "usage:write", schemas.UsageIn, usage.record_usage, 201)
+
+    @r.post("/v1/usage/batch", tags=["usage"], openapi_extra=_body_schema(schemas.UsageBatchIn))
+    async def record_usage_batch(request: Request) -> Response:
+        return await mutate(request, "usage:write", schemas.UsageBatchIn,
+                            lambda tx, ctx, d: _batch(mutations, tx, ctx, d["events"]))
+
+    @r.get("/v1/usage/summary", tags=["usage"])
+    async def usage_summary(request: Request, end_user_id: str = Query(..., max_length=255),
+                            feature_key: str = Query(...), from_: str | None = Query(None, alias="from"),
+                            to: str | None = None) -> Response:
+        lo, hi = _instant(from_, "from"), _instant(to, "to")
+        return await read(request, lambda tx, ctx: usage.summary(tx, ctx, end_user_id, feature_key, lo, hi))
+
+    @r.get("/v1/usage/{usage_id}", tags=["usage"])
+    async def get_usage(request: Request, usage_id: str) -> Response:
+        return await read(request, lambda tx, ctx: queries.usage_event(tx, ctx, usage_id))
+
+    # ---- ledger, events, audit ------------------------------------------------------------------------
+
+    @r.get("/v1/ledger", tags=["ledger"])
+    async def list_ledger(request: Request, end_user_id: str | None = Query(None, max_length=255),
+                          feature_key: str | None = None, type: str | None = None,
+                          from_: str | None = Query(None, alias="from"), to: str | None = None,
+                          reservation_id: str | None = None, usage_id: str | None = None,
+                          limit: int = Limit, starting_after: str | None = After) -> Response:
+        if type is not None and type not in queries.LEDGER_TYPES:
+            raise InvalidRequest(f"type must be one of {', '.join(queries.LEDGER_TYPES)}", "type")
+        lo, hi = _instant(from_, "from"), _instant(to, "to")
+        filters = {"end_user_id": end_user_id, "feature_key": feature_key, "type": type,
+                   "reservation_id": reservation_id, "usage_id": usage_id}
+
+        def fn(tx: Tx, ctx: Ctx) -> Any:
+            queries.settle_end_user(tx, ctx, end_user_id)
+            return queries.ledger(tx, ctx, filters, lo, hi, limit, starting_after)
+
+        return await read(request, fn, settle=True)
+
+    @r.get("/v1/ledger/{entry_id}", tags=["ledger"])
+    async def get_ledger_entry(request: Request, entry_id: str) -> Response:
+        return await read(request, lambda tx, ctx: queries.ledger_entry(tx, ctx, entry_id))
+
+    @r.get("/v1/events", tags=["events"])
+    async def list_events(request: Request, type: str | None = None, limit: int = Limit,
+                          starting_after: str | None = After) -> Response:
+        return await read(request, lambda tx, ctx: queries.events(tx, ctx, type, limit, starting_after))
+
+    @r.get("/v1/events/{event_id}", tags=["events"])
+    async def get_event(request: Request, event_id: str) -> Response:
+        return await read(request, lambda tx, ctx: queries.event(tx, ctx, event_id))
+
+    @r.get("/v1/audit_log", tags=["ledger"])
+    async def list_audit(request: Request, limit: int = Limit, starting_after: str | None = After) -> Response:
+        return await read(request, lambda tx, ctx: queries.audit_log(tx, ctx, limit, starting_after))
+
+    return r
+
+
+def _empty(raw: bytes) -> dict[str, Any]:
+    data = parse_json(raw)
+    if data not in ({}, None):
+        raise InvalidRequest("this call takes no body")
+    return {}
+
+
+def _usage_key(header_key: str | None, data: dict[str, Any]) -> str | None:
+    body_key = data.pop("idempotency_key", None)
+    if header_key is not None and body_key is not None and header_key != body_key:
+        raise InvalidRequest("the Idempotency-Key header and idempotency_key differ", "idempotency_key")
+    return header_key or body_key
+
+
+def _batch(mutations: Mutations, tx: Tx, ctx: Ctx, events: list[Any]) -> dict[str, Any]:
+    """Each event stands alone: its own savepoint, its own idempotency key."""
+    results: list[dict[str, Any]] = []
+    for i, raw in enumerate(events):
+        try:
+            with tx.savepoint():
+                data = validate(schemas.UsageIn, raw)
+                key = _usage_key(None, data)
+                print_ = fingerprint("POST", "/v1/usage", data)
+                with mutations.claim(ctx, key):
+                    outcome = mutations.once(tx, ctx, key, print_, lambda t: usage.record_usage(t, ctx, data), 201)
+        except QuotaStackError as exc:
+            if exc.param is not None:
+                exc.param = f"events[{i}].{exc.param}"
+            results.append({"status": exc.status, "error": error_of(exc, ctx.request_id)["error"]})
+            continue
+        entry: dict[str, Any] = {"status": outcome.status}
+        if outcome.status >= 300:
+            entry["error"] = orjson.loads(outcome.body)["error"]
+        else:
+            entry["usage"] = outcome.result if outcome.result is not None else orjson.Fragment(outcome.body)
+        if outcome.replayed:
+            entry["replayed"] = True
+        results.append(entry)
+    return {"object": "usage_batch", "results": results}
+
+
+def _doc_file(root: Path, name: str) -> Response:
+    path = (root / name).resolve()
+    if path.parent != root.resolve() or not path.is_file():
+        raise NotFound(f"no document {name!r}")
+    return PlainTextResponse(path.read_text(encoding="utf-8"), media_type="text/markdown; charset=utf-8")

@@ -1,0 +1,159 @@
+"""Request bodies. Unknown fields are refused; amounts stay exact (validated per feature later)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema
+
+# Amounts are checked against their feature's precision by the service (400 invalid_amount),
+# so the schema only documents them: a JSON number or a decimal string.
+Amount = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string"}],
+                                        "description": "exact decimal: a JSON number or a decimal string"})]
+Key = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+EndUserId = Annotated[str, Field(min_length=1, max_length=255)]
+Timestamp = Annotated[str, Field(description="RFC 3339 timestamp with an offset")]
+Metadata = dict[str, Any]
+Unit = Literal["minute", "hour", "day", "week", "month", "year"]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class DurationIn(Body):
+    every: StrictInt = Field(ge=1)
+    unit: Unit
+
+
+class PriceIn(Body):
+    amount: Amount
+    currency: Annotated[str, Field(min_length=3, max_length=3, pattern=r"^[A-Z]{3}$")]
+
+
+class FeatureIn(Body):
+    key: Key
+    name: str | None = Field(default=None, max_length=255)
+    type: Literal["metered", "boolean"] = "metered"
+    unit: str | None = Field(default=None, max_length=64)
+    precision: StrictInt | None = Field(default=None, ge=0, le=9)
+    credit_pool: Key | None = None
+    credits_per_unit: Amount = None
+    metadata: Metadata | None = None
+
+
+class FeatureUpdate(Body):
+    name: str | None = Field(default=None, max_length=255)
+    unit: str | None = Field(default=None, max_length=64)
+    precision: StrictInt | None = Field(default=None, ge=0, le=9)
+    credit_pool: Key | None = None
+    credits_per_unit: Amount = None
+    metadata: Metadata | None = None
+
+
+class PlanIn(Body):
+    key: Key
+    name: str | None = Field(default=None, max_length=255)
+    default: StrictBool = False
+    metadata: Metadata | None = None
+
+
+class TierIn(Body):
+    up_to: Amount = None
+    unit_price: Amount
+
+
+class PricingIn(Body):
+    mode: Literal["graduated", "volume"]
+    currency: Annotated[str, Field(min_length=3, max_length=3, pattern=r"^[A-Z]{3}$")]
+    tiers: list[TierIn] = Field(min_length=1, max_length=100)
+
+
+class RolloverIn(Body):
+    max_amount: Amount
+    expires_after: DurationIn | None = None
+
+
+class EntitlementIn(Body):
+    feature_key: Key
+    amount: Amount = None
+    enabled: StrictBool | None = None
+    unlimited: StrictBool | None = None
+    priority: StrictInt | None = Field(default=None, ge=0, le=1_000_000)
+    max_balance: Amount = None
+    overage: Literal["block", "allow"] | None = None
+    pricing: PricingIn | None = None
+    reset: DurationIn | None = None
+    rollover: RolloverIn | None = None
+
+
+class VariantIn(Body):
+    key: Key
+    price: PriceIn | None = None
+    billing_period: DurationIn | None = None
+    trial_period: DurationIn | None = None
+    entitlements: list[EntitlementIn] = Field(default_factory=list, max_length=200)
+    metadata: Metadata | None = None
+
+
+class PackIn(Body):
+    key: Key
+    feature_key: Key
+    amount: Amount
+    price: PriceIn | None = None
+    expires_after: DurationIn | None = None
+    priority: StrictInt | None = Field(default=None, ge=0, le=1_000_000)
+    metadata: Metadata | None = None
+
+
+class SubscriptionIn(Body):
+    end_user_id: EndUserId
+    plan_variant_id: str
+    start_at: Timestamp | None = None
+    timezone: str | None = Field(default=None, max_length=64)
+    auto_renew: StrictBool = True
+    trial: DurationIn | StrictBool | None = None
+    metadata: Metadata | None = None
+
+
+class GrantIn(Body):
+    end_user_id: EndUserId
+    feature_key: Key
+    amount: Amount
+    priority: StrictInt | None = Field(default=None, ge=0, le=1_000_000)
+    expires_at: Timestamp | None = None
+    expires_after: DurationIn | None = None
+    effective_at: Timestamp | None = None
+    source: Literal["manual", "promo", "purchase"] | None = None
+    metadata: Metadata | None = None
+
+
+class PurchaseIn(Body):
+    end_user_id: EndUserId
+    pay_with: Literal["external", "wallet"] = "external"
+
+
+class UsageIn(Body):
+    end_user_id: EndUserId
+    feature_key: Key
+    units: Amount
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    timestamp: Timestamp | None = None
+    metadata: Metadata | None = None
+
+
+class UsageBatchIn(Body):
+    events: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+
+
+class TenantIn(Body):
+    name: Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class ApiKeyIn(Body):
+    name: Annotated[str, Field(min_length=1, max_length=255)]
+    scopes: list[str] = Field(min_length=1, max_length=20)
+
+
+class Empty(Body):
+    pass

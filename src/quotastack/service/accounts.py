@@ -1,0 +1,181 @@
+"""One end user's balance of one feature, inside a unit of work.
+
+An ``Account`` loads the feature's live blocks, first settles what time has made due (grants
+whose ``effective_at`` has come, blocks whose ``expires_at`` has passed), and then writes every
+movement as ledger entries with the running balance. It is the only code that writes
+``ledger_entries`` or changes a block's ``remaining``, so the conservation identity
+
+    grants + refunds + rollovers + releases - uses - expiries - voids - reserves = balance
+
+(per block and in total; ``reserved`` moves the other way) is kept in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..domain.burndown import Block, allocate
+from ..domain.ids import new_id
+from . import views
+from .codec import dumps
+from .context import Ctx
+from .ports import Row, Tx
+
+CREDIT_TYPES = ("grant", "refund", "rollover", "release")
+DEBIT_TYPES = ("use", "expire", "void", "reserve")
+
+
+@dataclass(slots=True)
+class Draw:
+    """What a debit took: the ledger entries written and the part not covered."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    shortfall: int = 0
+
+
+class Account:
+    def __init__(self, tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, precision: int) -> None:
+        self.tx = tx
+        self.ctx = ctx
+        self.end_user_id = end_user_id
+        self.feature_key = feature_key
+        self.precision = precision
+        self.rows: dict[str, dict[str, Any]] = {}
+        for row in tx.blocks_for(ctx.env_id, end_user_id, feature_key):
+            self.rows[row["id"]] = dict(row)
+        self.balance = sum(r["remaining"] for r in self.rows.values() if r["status"] == "active")
+        self.reserved = 0
+        self.settle(ctx.now_us)
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def blocks(self) -> list[Block]:
+        return [
+            Block(r["id"], r["seq"], r["priority"], r["effective_at_us"], r["expires_at_us"], r["remaining"])
+            for r in self.rows.values() if r["status"] == "active"
+        ]
+
+    def spendable(self, at_us: int | None = None) -> int:
+        at = self.ctx.now_us if at_us is None else at_us
+        return sum(b.remaining for b in self.blocks() if b.usable_at(at))
+
+    # ---- time -----------------------------------------------------------------------------------
+
+    def settle(self, now_us: int) -> None:
+        """Write the grant and expire entries that time has made due, in time order."""
+        due: list[tuple[int, int, str, str]] = []
+        for row in self.rows.values():
+            if row["status"] == "scheduled" and row["effective_at_us"] <= now_us:
+                due.append((row["effective_at_us"], 0, row["id"], "grant"))
+            if row["expires_at_us"] is not None and row["expires_at_us"] <= now_us:
+                due.append((row["expires_at_us"], 1, row["id"], "expire"))
+        for instant, _, block_id, kind in sorted(due):
+            row = self.rows[block_id]
+            if kind == "grant":
+                amount, row["remaining"] = row["remaining"], 0
+                row["status"] = "active"
+                self._move(row, "grant", amount, at_us=instant, reason="effective")
+                self.tx.update("blocks", {"id": block_id}, {"status": "active"})
+            else:
+                self.expire(row, at_us=instant)
+
+    def expire(self, row: dict[str, Any], at_us: int, reason: str = "expired") -> dict[str, Any] | None:
+        """Take a block's remaining amount out of the balance for good."""
+        entry = None
+        if row["status"] == "active" and row["remaining"] > 0:
+            entry = self._move(row, "expire", row["remaining"], at_us=at_us, reason=reason)
+            self.event("credits.expired", {"block_id": row["id"], "amount": views.amount(entry["amount"], self.precision)})
+        if row["status"] in ("active", "scheduled"):
+            row["status"] = "expired"
+            self.tx.update("blocks", {"id": row["id"]}, {"status": "expired", "remaining": row["remaining"]})
+        return entry
+
+    # ---- movements ------------------------------------------------------------------------------
+
+    def grant(self, amount: int, *, priority: int, effective_at_us: int, expires_at_us: int | None,
+              source: str, subscription_id: str | None = None, metadata: Any = None,
+              reason: str | None = None, entry_type: str = "grant") -> dict[str, Any]:
+        """Create a block of ``amount`` (> 0) and, when already effective, its grant entry."""
+        assert amount > 0
+        scheduled = effective_at_us > self.ctx.now_us
+        row = {
+            "id": new_id("blk"), "env_id": self.ctx.env_id, "end_user_id": self.end_user_id,
+            "feature_key": self.feature_key, "original_amount": amount, "remaining": amount,
+            "priority": priority, "effective_at_us": effective_at_us, "expires_at_us": expires_at_us,
+            "source": source, "status": "scheduled" if scheduled else "active",
+            "subscription_id": subscription_id, "metadata": dumps(metadata or {}),
+            "created_at_us": self.ctx.now_us,
+        }
+        self.tx.insert("blocks", row)
+        stored = self.tx.get("blocks", id=row["id"])
+        assert stored is not None
+        row = dict(stored)
+        self.rows[row["id"]] = row
+        if not scheduled:
+            # The entry adds the amount: count it in the block only once.
+            row["remaining"] = 0
+            self._move(row, entry_type, amount, reason=reason)
+        self.event("credits.granted", {"block_id": row["id"], "amount": views.amount(amount, self.precision),
+                                       "source": source, "expires_at": views.ts(expires_at_us)})
+        return row
+
+    def draw(self, amount: int, *, entry_type: str = "use", usage_id: str | None = None,
+             reservation_id: str | None = None, reason: str | None = None, partial: bool = False) -> Draw:
+        """Debit ``amount`` in burn-down order, one entry per block touched.
+
+        Without ``partial`` nothing is written unless the whole amount is covered.
+        """
+        takes, shortfall = allocate(self.blocks(), amount, self.ctx.now_us)
+        result = Draw(shortfall=shortfall)
+        if shortfall and not partial:
+            return result
+        for block, take in takes:
+            result.entries.append(self._move(self.rows[block.id], entry_type, take, usage_id=usage_id,
+                                             reservation_id=reservation_id, reason=reason))
+        return result
+
+    def void(self, row: dict[str, Any], reason: str | None = None) -> dict[str, Any] | None:
+        entry = None
+        if row["status"] == "active" and row["remaining"] > 0:
+            entry = self._move(row, "void", row["remaining"], reason=reason)
+        row["status"] = "voided"
+        self.tx.update("blocks", {"id": row["id"]}, {"status": "voided", "remaining": row["remaining"]})
+        return entry
+
+    def _move(self, row: dict[str, Any], entry_type: str, amount: int, *, at_us: int | None = None,
+              usage_id: str | None = None, reservation_id: str | None = None,
+              reason: str | None = None) -> dict[str, Any]:
+        assert amount > 0, (entry_type, amount)
+        sign = 1 if entry_type in CREDIT_TYPES else -1
+        row["remaining"] += sign * amount
+        assert row["remaining"] >= 0, "a block never goes below zero"
+        self.balance += sign * amount
+        if entry_type == "reserve":
+            self.reserved += amount
+        elif entry_type in ("release", "commit"):
+            self.reserved -= amount
+        self.tx.update("blocks", {"id": row["id"]}, {"remaining": row["remaining"]})
+        entry = {
+            "id": new_id("led"), "env_id": self.ctx.env_id, "end_user_id": self.end_user_id,
+            "feature_key": self.feature_key, "block_id": row["id"], "type": entry_type,
+            "amount": amount, "balance_after": self.balance, "reserved_after": self.reserved,
+            "usage_id": usage_id, "reservation_id": reservation_id,
+            "subscription_id": row.get("subscription_id"), "reason": reason, "metadata": "{}",
+            "created_at_us": self.ctx.now_us if at_us is None else at_us,
+        }
+        self.tx.insert("ledger_entries", entry)
+        if self.balance == 0 and sign < 0 and entry_type == "use":
+            self.event("balance.depleted", {"feature_key": self.feature_key})
+        return entry
+
+    def event(self, event_type: str, data: dict[str, Any]) -> None:
+        record_event(self.tx, self.ctx, event_type,
+                     {"end_user_id": self.end_user_id, "feature_key": self.feature_key} | data)
+
+
+def record_event(tx: Tx, ctx: Ctx, event_type: str, data: dict[str, Any]) -> Row:
+    row = {"id": new_id("evt"), "env_id": ctx.env_id, "type": event_type, "data": dumps(data),
+           "created_at_us": ctx.now_us}
+    tx.insert("events", row)
+    return row

@@ -1,0 +1,29 @@
+"""JSON for text columns: Decimals are written as exact JSON numbers and read back as Decimals."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from ..domain.amounts import format_decimal
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(format_decimal(value))
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def dumps_bytes(value: Any) -> bytes:
+    return orjson.dumps(value, default=_default, option=orjson.OPT_SORT_KEYS)
+
+
+def dumps(value: Any) -> str:
+    return dumps_bytes(value).decode()
+
+
+def loads(text: str | bytes | None) -> Any:
+    return None if text is None else json.loads(text, parse_float=Decimal)

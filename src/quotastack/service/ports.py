@@ -1,0 +1,83 @@
+"""What the services need from persistence, and nothing more.
+
+The store package implements these protocols for SQLite (and, later, PostgreSQL). Rows come
+back as mappings keyed by column name. Table and column names are the store's schema; values
+are always passed as parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, TypeVar
+
+Row = Mapping[str, Any]
+T = TypeVar("T")
+
+
+class Tx(Protocol):
+    """One unit of work: everything done through it commits together or not at all."""
+
+    def insert(self, table: str, row: Mapping[str, Any]) -> None: ...
+
+    def insert_many(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None: ...
+
+    def get(self, table: str, **where: Any) -> Row | None: ...
+
+    def update(self, table: str, where: Mapping[str, Any], values: Mapping[str, Any]) -> int: ...
+
+    def page(self, table: str, env_id: int, filters: Mapping[str, Any], limit: int,
+             starting_after: str | None, ranges: Mapping[str, tuple[int | None, int | None]] | None = None,
+             ) -> list[Row]: ...
+
+    def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None: ...
+
+    def blocks_for(self, env_id: int, end_user_id: str, feature_key: str) -> list[Row]: ...
+
+    def due_blocks(self, env_id: int, end_user_id: str | None, now_us: int) -> list[Row]: ...
+
+    def spendable(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> int: ...
+
+    def usage_totals(self, env_id: int, end_user_id: str, feature_key: str, from_us: int | None,
+                     to_us: int | None) -> dict[str, int]: ...
+
+    def subscription_blocks(self, subscription_id: str) -> list[Row]: ...
+
+    def live_subscription(self, env_id: int, end_user_id: str) -> Row | None: ...
+
+    def default_variant(self, env_id: int) -> Row | None: ...
+
+    def entitlements_of(self, variant_id: str) -> list[Row]: ...
+
+    def entitlement(self, variant_id: str, feature_key: str) -> Row | None: ...
+
+    def balances_at(self, env_id: int, end_user_id: str, at_us: int) -> list[Row]: ...
+
+    def feature_has_entries(self, env_id: int, feature_key: str) -> bool: ...
+
+    def key_principal(self, key_hash: str) -> Row | None: ...
+
+    def savepoint(self) -> AbstractContextManager[None]: ...
+
+    def delete_idempotency_older_than(self, cutoff_us: int) -> int: ...
+
+    def distinct_end_users(self, env_id: int) -> Iterator[str]: ...
+
+
+class Database(Protocol):
+    def transaction(self) -> AbstractContextManager[Tx]:
+        """A write transaction: commits on normal exit, rolls back on an exception."""
+        ...
+
+    def reader(self) -> AbstractContextManager[Tx]:
+        """A read-only view of the latest committed state."""
+        ...
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking store work from async code (inline on SQLite, in a thread elsewhere)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+AsyncRunner = Callable[[Callable[..., T]], Awaitable[T]]

@@ -1,0 +1,125 @@
+"""Opening a database by URL, migrating it, and handing out units of work.
+
+``sqlite:///path/to/file.db`` (the default, embedded) and ``postgresql://…`` (production).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .sql import SqlTx
+
+T = TypeVar("T")
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
+    return {col[0]: value for col, value in zip(cursor.description, row)}
+
+
+class SqliteDatabase:
+    """One connection per thread; writers serialise on SQLite's own write lock.
+
+    The service runs store work inline on the event loop (``run``): a unit of work never
+    awaits, so within one process transactions never interleave, and ``BEGIN IMMEDIATE``
+    with a busy timeout orders writers of other processes.
+    """
+
+    kind = "sqlite"
+
+    def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=30.0, cached_statements=512)
+            conn.row_factory = _dict_row
+            conn.execute("PRAGMA journal_mode=WAL")
+            # WAL with synchronous=NORMAL is durable across a killed process (not across an OS
+            # crash or power loss); QUOTASTACK_SQLITE_SYNCHRONOUS=FULL buys the latter.
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA cache_size=-65536")
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqlTx]:
+        conn = self._connection()
+        cur = conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield SqlTx(cur)
+        except BaseException:
+            conn.rollback()
+            raise
+        else:
+            conn.commit()
+        finally:
+            cur.close()
+
+    @contextmanager
+    def reader(self) -> Iterator[SqlTx]:
+        conn = self._connection()
+        cur = conn.cursor()
+        try:
+            yield SqlTx(cur)
+        finally:
+            cur.close()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args)
+
+    def migrate(self) -> None:
+        conn = self._connection()
+        _alembic_upgrade(f"sqlite:///{self.path}", creator=lambda: sqlite3.connect(self.path))
+        del conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+
+def _alembic_upgrade(url: str, creator: Callable[[], Any] | None = None) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool, **({"creator": creator} if creator else {}))
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    finally:
+        engine.dispose()
+
+
+def open_database(url: str) -> SqliteDatabase:
+    """Open (and migrate) the database at ``url``."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = SqliteDatabase(path)
+        db.migrate()
+        return db
+    raise ValueError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://…")

@@ -1,0 +1,240 @@
+"""The unit of work, in SQL that SQLite and PostgreSQL both speak.
+
+Statements use ``:name`` parameters; an adapter whose driver wants another style rewrites them
+once (see ``database.py``). Table and column names come from this package only, never from a
+request.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from ..service.ports import Row
+
+_LIVE_STATUSES = ("trialing", "active", "paused")
+
+
+class SqlTx:
+    """Implements ``service.ports.Tx`` over a DB-API cursor."""
+
+    def __init__(self, cursor: Any, paramstyle: str = "named") -> None:
+        self._cur = cursor
+        self._pyformat = paramstyle == "pyformat"
+        self._savepoints = 0
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    def _sql(self, sql: str) -> str:
+        return _to_pyformat(sql) if self._pyformat else sql
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        return self._cur.execute(self._sql(sql), params or {})
+
+    def all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+        return list(self.execute(sql, params).fetchall())
+
+    def one(self, sql: str, params: Mapping[str, Any] | None = None) -> Row | None:
+        return self.execute(sql, params).fetchone()  # type: ignore[no-any-return]
+
+    def scalar(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        row = self.execute(sql, params).fetchone()
+        return None if row is None else next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+    # ---- generic --------------------------------------------------------------------------
+
+    def insert(self, table: str, row: Mapping[str, Any]) -> None:
+        cols = ", ".join(row)
+        vals = ", ".join(f":{c}" for c in row)
+        self.execute(f"INSERT INTO {table} ({cols}) VALUES ({vals})", row)
+
+    def insert_many(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        cols = ", ".join(rows[0])
+        vals = ", ".join(f":{c}" for c in rows[0])
+        self._cur.executemany(self._sql(f"INSERT INTO {table} ({cols}) VALUES ({vals})"), rows)
+
+    def get(self, table: str, **where: Any) -> Row | None:
+        cond = " AND ".join(f"{c} = :{c}" for c in where)
+        return self.one(f"SELECT * FROM {table} WHERE {cond}", where)
+
+    def update(self, table: str, where: Mapping[str, Any], values: Mapping[str, Any]) -> int:
+        sets = ", ".join(f"{c} = :v_{c}" for c in values)
+        cond = " AND ".join(f"{c} = :w_{c}" for c in where)
+        params = {f"v_{c}": v for c, v in values.items()} | {f"w_{c}": v for c, v in where.items()}
+        return int(self.execute(f"UPDATE {table} SET {sets} WHERE {cond}", params).rowcount)
+
+    def page(self, table: str, env_id: int, filters: Mapping[str, Any], limit: int,
+             starting_after: str | None,
+             ranges: Mapping[str, tuple[int | None, int | None]] | None = None) -> list[Row]:
+        """Newest first, ``limit + 1`` rows so the caller can tell whether there are more."""
+        conds = ["env_id = :env_id"]
+        params: dict[str, Any] = {"env_id": env_id, "limit": limit + 1}
+        for col, value in filters.items():
+            if value is not None:
+                conds.append(f"{col} = :f_{col}")
+                params[f"f_{col}"] = value
+        for col, (low, high) in (ranges or {}).items():
+            if low is not None:
+                conds.append(f"{col} >= :lo_{col}")
+                params[f"lo_{col}"] = low
+            if high is not None:
+                conds.append(f"{col} < :hi_{col}")
+                params[f"hi_{col}"] = high
+        if starting_after is not None:
+            conds.append(f"seq < COALESCE((SELECT seq FROM {table} WHERE id = :after AND env_id = :env_id), 0)")
+            params["after"] = starting_after
+        sql = f"SELECT * FROM {table} WHERE {' AND '.join(conds)} ORDER BY seq DESC LIMIT :limit"
+        return self.all(sql, params)
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        self._savepoints += 1
+        name = f"sp{self._savepoints}"
+        self.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            self.execute(f"RELEASE SAVEPOINT {name}")
+            raise
+        else:
+            self.execute(f"RELEASE SAVEPOINT {name}")
+
+    # ---- balances ---------------------------------------------------------------------------
+
+    def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None:
+        """Create the end user on first mention and serialise balance changes per end user."""
+        self.execute(
+            "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
+            "ON CONFLICT (env_id, end_user_id) DO NOTHING",
+            {"e": env_id, "u": end_user_id, "n": now_us},
+        )
+        self._lock_row(env_id, end_user_id)
+
+    def _lock_row(self, env_id: int, end_user_id: str) -> None:
+        """SQLite's write transaction already excludes every other writer."""
+
+    def blocks_for(self, env_id: int, end_user_id: str, feature_key: str) -> list[Row]:
+        return self.all(
+            "SELECT * FROM blocks WHERE env_id = :e AND end_user_id = :u AND feature_key = :f "
+            "AND status IN ('active', 'scheduled') ORDER BY seq",
+            {"e": env_id, "u": end_user_id, "f": feature_key},
+        )
+
+    def due_blocks(self, env_id: int, end_user_id: str | None, now_us: int) -> list[Row]:
+        """Blocks whose grant or expiry is due but has no ledger entry yet, oldest first."""
+        params: dict[str, Any] = {"e": env_id, "n": now_us}
+        user = ""
+        if end_user_id is not None:
+            user = " AND end_user_id = :u"
+            params["u"] = end_user_id
+        return self.all(
+            "SELECT * FROM blocks WHERE env_id = :e AND ("
+            "(status = 'scheduled' AND effective_at_us <= :n) OR "
+            f"(status IN ('active', 'scheduled') AND expires_at_us <= :n)){user} ORDER BY seq",
+            params,
+        )
+
+    def spendable(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> int:
+        value = self.scalar(
+            "SELECT COALESCE(SUM(remaining), 0) FROM blocks WHERE env_id = :e AND end_user_id = :u "
+            "AND feature_key = :f AND status IN ('active', 'scheduled') AND effective_at_us <= :t "
+            "AND (expires_at_us IS NULL OR expires_at_us > :t)",
+            {"e": env_id, "u": end_user_id, "f": feature_key, "t": at_us},
+        )
+        return int(value)
+
+    def balances_at(self, env_id: int, end_user_id: str, at_us: int) -> list[Row]:
+        """Per block usable at ``at_us``: what the ledger says it held at that instant."""
+        return self.all(
+            "SELECT b.id, b.feature_key, b.priority, b.effective_at_us, b.expires_at_us, b.source, "
+            "b.original_amount, b.seq, b.subscription_id, b.created_at_us, "
+            "COALESCE(SUM(CASE WHEN l.type IN ('grant', 'refund', 'rollover', 'release') THEN l.amount "
+            "WHEN l.type IN ('use', 'expire', 'void', 'reserve') THEN -l.amount ELSE 0 END), 0) AS remaining "
+            "FROM blocks b LEFT JOIN ledger_entries l ON l.block_id = b.id AND l.created_at_us <= :t "
+            "WHERE b.env_id = :e AND b.end_user_id = :u AND b.effective_at_us <= :t "
+            "AND (b.expires_at_us IS NULL OR b.expires_at_us > :t) "
+            "GROUP BY b.id, b.feature_key, b.priority, b.effective_at_us, b.expires_at_us, b.source, "
+            "b.original_amount, b.seq, b.subscription_id, b.created_at_us ORDER BY b.seq",
+            {"e": env_id, "u": end_user_id, "t": at_us},
+        )
+
+    def feature_has_entries(self, env_id: int, feature_key: str) -> bool:
+        return self.one(
+            "SELECT 1 FROM blocks WHERE env_id = :e AND feature_key = :f LIMIT 1",
+            {"e": env_id, "f": feature_key},
+        ) is not None
+
+    def distinct_end_users(self, env_id: int) -> Iterator[str]:
+        for row in self.all("SELECT end_user_id FROM end_users WHERE env_id = :e ORDER BY end_user_id",
+                            {"e": env_id}):
+            yield row["end_user_id"]
+
+    def subscription_blocks(self, subscription_id: str) -> list[Row]:
+        return self.all(
+            "SELECT * FROM blocks WHERE subscription_id = :s AND status IN ('active', 'scheduled') "
+            "ORDER BY seq", {"s": subscription_id},
+        )
+
+    def usage_totals(self, env_id: int, end_user_id: str, feature_key: str, from_us: int | None,
+                     to_us: int | None) -> dict[str, int]:
+        row = self.one(
+            "SELECT COUNT(*) AS events, COALESCE(SUM(units), 0) AS units, "
+            "COALESCE(SUM(overage), 0) AS overage FROM usage_events WHERE env_id = :e "
+            "AND end_user_id = :u AND feature_key = :f AND timestamp_us >= :lo AND timestamp_us < :hi",
+            {"e": env_id, "u": end_user_id, "f": feature_key, "lo": -(2**62) if from_us is None else from_us,
+             "hi": 2**62 if to_us is None else to_us},
+        )
+        assert row is not None
+        return {"events": int(row["events"]), "units": int(row["units"]), "overage": int(row["overage"])}
+
+    # ---- plans and subscriptions -------------------------------------------------------------
+
+    def live_subscription(self, env_id: int, end_user_id: str) -> Row | None:
+        return self.one(
+            "SELECT * FROM subscriptions WHERE env_id = :e AND end_user_id = :u AND live = :t",
+            {"e": env_id, "u": end_user_id, "t": True},
+        )
+
+    def default_variant(self, env_id: int) -> Row | None:
+        return self.one(
+            "SELECT v.* FROM plans p JOIN plan_variants v ON v.plan_id = p.id "
+            "WHERE p.env_id = :e AND p.is_default = :t ORDER BY v.seq LIMIT 1",
+            {"e": env_id, "t": True},
+        )
+
+    def entitlements_of(self, variant_id: str) -> list[Row]:
+        return self.all("SELECT * FROM variant_entitlements WHERE variant_id = :v ORDER BY position",
+                        {"v": variant_id})
+
+    def entitlement(self, variant_id: str, feature_key: str) -> Row | None:
+        return self.one(
+            "SELECT * FROM variant_entitlements WHERE variant_id = :v AND feature_key = :f",
+            {"v": variant_id, "f": feature_key},
+        )
+
+    # ---- keys -----------------------------------------------------------------------------------
+
+    def key_principal(self, key_hash: str) -> Row | None:
+        return self.one(
+            "SELECT k.id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
+            "FROM api_keys k JOIN environments e ON e.id = k.env_id WHERE k.key_hash = :h",
+            {"h": key_hash},
+        )
+
+    # ---- housekeeping -------------------------------------------------------------------------
+
+    def delete_idempotency_older_than(self, cutoff_us: int) -> int:
+        return int(self.execute("DELETE FROM idempotency_keys WHERE created_at_us < :c",
+                                {"c": cutoff_us}).rowcount)
+
+
+_PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _to_pyformat(sql: str) -> str:
+    return _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
