@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from ..domain import periods
 from ..domain.errors import InvalidRequest, NotFound, QuotaStackError
-from ..service import catalog, credits, entitlements, queries, subscriptions, tenants, usage
+from ..service import catalog, clock, credits, entitlements, queries, subscriptions, tenants, usage
 from ..service.context import Ctx
 from ..service.ports import Database, Tx
 from ..service.subscriptions import ensure_subscription
@@ -285,6 +285,16 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
     @r.get("/v1/usage/{usage_id}", tags=["usage"])
     async def get_usage(request: Request, usage_id: str) -> Response:
         return await read(request, lambda tx, ctx: queries.usage_event(tx, ctx, usage_id))
+
+    # ---- sandbox clock ------------------------------------------------------------------------------
+
+    @r.get("/v1/test_clock", tags=["sandbox"])
+    async def get_test_clock(request: Request) -> Response:
+        return await read(request, clock.get_clock)
+
+    @r.post("/v1/test_clock/advance", tags=["sandbox"], openapi_extra=_body_schema(schemas.ClockAdvanceIn))
+    async def advance_test_clock(request: Request) -> Response:
+        return await mutate(request, "admin", schemas.ClockAdvanceIn, clock.advance)
 
     # ---- ledger, events, audit ------------------------------------------------------------------------
 

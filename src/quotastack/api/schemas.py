@@ -155,5 +155,6 @@ class ApiKeyIn(Body):
     scopes: list[str] = Field(min_length=1, max_length=20)
 
 
-class Empty(Body):
-    pass
+class ClockAdvanceIn(Body):
+    seconds: StrictInt | None = Field(default=None, ge=0)
+    to: Timestamp | None = None

@@ -94,15 +94,13 @@ def parse_rfc3339(text: str, param: str) -> int:
 
 
 def _local_to_us(naive: datetime, tz: ZoneInfo) -> int:
-    """A wall-clock time in ``tz`` as an instant; a time skipped by DST moves forward."""
-    aware = naive.replace(tzinfo=tz, fold=0)
-    instant = to_us(aware.astimezone(timezone.utc))
-    round_trip = to_datetime(instant).astimezone(tz).replace(tzinfo=None)
-    if round_trip != naive:
-        # ``naive`` fell into a spring-forward gap: take the first instant after the gap.
-        aware = naive.replace(tzinfo=tz, fold=1)
-        instant = to_us(aware.astimezone(timezone.utc))
-    return instant
+    """A wall-clock time in ``tz`` as an instant.
+
+    With ``fold=0`` an ambiguous time (fall back) is its first occurrence, and a time skipped by
+    spring-forward is read with the offset before the gap, which lands the same distance past
+    the gap (02:30 on a 02:00 -> 03:00 night becomes 03:30).
+    """
+    return to_us(naive.replace(tzinfo=tz, fold=0).astimezone(timezone.utc))
 
 
 def _add_months(local: datetime, months: int) -> datetime:
