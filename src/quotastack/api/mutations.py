@@ -47,7 +47,7 @@ def validate(model: type[BaseModel], data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
     try:
-        return model.model_validate(data).model_dump(exclude_unset=True)
+        return model.model_validate(data).model_dump(exclude_unset=getattr(model, "partial", False))
     except ValidationError as exc:
         raise invalid_from(exc) from None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema
 
@@ -19,6 +19,8 @@ Unit = Literal["minute", "hour", "day", "week", "month", "year"]
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
+    # A partial body (an update) keeps only the fields the client sent.
+    partial: ClassVar[bool] = False
 
 
 class DurationIn(Body):
@@ -43,6 +45,7 @@ class FeatureIn(Body):
 
 
 class FeatureUpdate(Body):
+    partial = True
     name: str | None = Field(default=None, max_length=255)
     unit: str | None = Field(default=None, max_length=64)
     precision: StrictInt | None = Field(default=None, ge=0, le=9)
@@ -156,5 +159,6 @@ class ApiKeyIn(Body):
 
 
 class ClockAdvanceIn(Body):
+    partial = True
     seconds: StrictInt | None = Field(default=None, ge=0)
     to: Timestamp | None = None

@@ -1,0 +1,48 @@
+"""A real QuotaStack HTTP server on loopback, in a background thread, for tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from quotastack.api import create_app
+from quotastack.api.app import Settings
+from quotastack.store import open_database
+
+OPERATOR_KEY = "test-operator-key"
+
+
+@dataclass
+class Running:
+    base_url: str
+    app: Any
+    db: Any
+
+
+@contextmanager
+def serve(db_path: Path, settings: Settings | None = None) -> Iterator[Running]:
+    db = open_database(f"sqlite:///{db_path}")
+    app = create_app(db, settings or Settings(operator_key=OPERATOR_KEY))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield Running(f"http://127.0.0.1:{port}", app, db)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        db.close()
