@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -119,7 +120,10 @@ def open_database(url: str) -> SqliteDatabase:
         path = url[len("sqlite:///"):]
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = SqliteDatabase(path)
+        synchronous = os.environ.get("QUOTASTACK_SQLITE_SYNCHRONOUS", "NORMAL").upper()
+        if synchronous not in ("NORMAL", "FULL", "EXTRA"):
+            raise ValueError("QUOTASTACK_SQLITE_SYNCHRONOUS must be NORMAL, FULL or EXTRA")
+        db = SqliteDatabase(path, synchronous=synchronous)
         db.migrate()
         return db
     raise ValueError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://…")
