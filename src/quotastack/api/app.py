@@ -19,7 +19,7 @@ from .auth import Authenticator, RateLimiter
 from .edge import Edge, Metrics
 from .mutations import Mutations
 from .render import JSON, error_body, error_response
-from .routes import build_router
+from .routes import COMPONENTS, build_router
 
 log = logging.getLogger("quotastack")
 
@@ -93,4 +93,15 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
         log.exception("internal error on %s %s", request.method, request.url.path)
         return error_response(QuotaStackError("internal error: nothing was changed"), _request_id(request))
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(COMPONENTS)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return Edge(app, check_endpoint, metrics)

@@ -29,9 +29,14 @@ After = Query(None, max_length=255)
 DOCS = Path(__file__).resolve().parents[3] / "docs"
 
 
+# Nested request models, for the OpenAPI document's components (see app.py).
+COMPONENTS: dict[str, Any] = {}
+
+
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    COMPONENTS.update(schema.pop("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _instant(value: str | None, param: str) -> int | None:
