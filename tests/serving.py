@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -26,9 +27,25 @@ class Running:
     db: Any
 
 
+def engines() -> list[str]:
+    """The engines the suite runs on: both, unless QUOTASTACK_TEST_ENGINES narrows them."""
+    return os.environ.get("QUOTASTACK_TEST_ENGINES", "sqlite,postgresql").split(",")
+
+
+def database_url(engine: str, tmp_dir: Path) -> str:
+    if engine == "sqlite":
+        return f"sqlite:///{tmp_dir / 'quotastack.db'}"
+    url = os.environ.get("QUOTASTACK_TEST_POSTGRES_URL")
+    if not url:
+        raise RuntimeError("PostgreSQL tests need QUOTASTACK_TEST_POSTGRES_URL: run them through "
+                           "./scripts/test (which starts a throwaway server), or set "
+                           "QUOTASTACK_TEST_ENGINES=sqlite to run the SQLite half only")
+    return url
+
+
 @contextmanager
-def serve(db_path: Path, settings: Settings | None = None) -> Iterator[Running]:
-    db = open_database(f"sqlite:///{db_path}")
+def serve(db_url: str, settings: Settings | None = None) -> Iterator[Running]:
+    db = open_database(db_url)
     app = create_app(db, settings or Settings(operator_key=OPERATOR_KEY))
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)

@@ -9,14 +9,14 @@ from typing import Any
 import httpx
 import pytest
 
-from .serving import OPERATOR_KEY, serve
+from .serving import OPERATOR_KEY, database_url, engines, serve
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with serve(tmp_path_factory.mktemp("docs") / "docs.db") as running:
+@pytest.fixture(scope="module", params=engines())
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with serve(database_url(request.param, tmp_path_factory.mktemp("docs"))) as running:
         yield running
 
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, rule
 
-from .serving import OPERATOR_KEY, serve
+from .serving import OPERATOR_KEY, database_url, engines, serve
 
 USERS = ("u0", "u1", "u2")
 SIGN = {"grant": 1, "refund": 1, "rollover": 1, "release": 1, "use": -1, "expire": -1, "void": -1,
@@ -38,9 +38,9 @@ def ledger_total(client: httpx.Client, user: str, feature: str) -> Decimal:
         after = page["next_cursor"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with serve(Path(tmp_path_factory.mktemp("prop")) / "prop.db") as running:
+@pytest.fixture(scope="module", params=engines())
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with serve(database_url(request.param, tmp_path_factory.mktemp("prop"))) as running:
         yield running
 
 

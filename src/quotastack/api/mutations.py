@@ -114,6 +114,9 @@ class Mutations:
         if key is None:
             result = work(tx)
             return Outcome(status, dumps(result), False, result)
+        if not tx.try_lock_key(ctx.env_id, key):
+            raise IdempotencyKeyInUse("a request with this Idempotency-Key is still being processed",
+                                      "Idempotency-Key")
         stored = tx.get("idempotency_keys", env_id=ctx.env_id, key=key)
         if stored is not None:
             if stored["fingerprint"] != print_:

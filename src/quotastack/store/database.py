@@ -86,7 +86,7 @@ class SqliteDatabase:
 
     def migrate(self) -> None:
         conn = self._connection()
-        _alembic_upgrade(f"sqlite:///{self.path}", creator=lambda: sqlite3.connect(self.path))
+        alembic_upgrade(f"sqlite:///{self.path}", creator=lambda: sqlite3.connect(self.path))
         del conn
 
     def close(self) -> None:
@@ -97,7 +97,7 @@ class SqliteDatabase:
         self._local = threading.local()
 
 
-def _alembic_upgrade(url: str, creator: Callable[[], Any] | None = None) -> None:
+def alembic_upgrade(url: str, creator: Callable[[], Any] | None = None) -> None:
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import create_engine
@@ -114,8 +114,14 @@ def _alembic_upgrade(url: str, creator: Callable[[], Any] | None = None) -> None
         engine.dispose()
 
 
-def open_database(url: str) -> SqliteDatabase:
-    """Open (and migrate) the database at ``url``."""
+def open_database(url: str) -> Any:
+    """Open (and migrate) the database at ``url``: ``sqlite:///PATH`` or ``postgresql://…``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresDatabase
+
+        pg = PostgresDatabase(url)
+        pg.migrate()
+        return pg
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path != ":memory:":

@@ -118,6 +118,10 @@ class SqlTx:
     def _lock_row(self, env_id: int, end_user_id: str) -> None:
         """SQLite's write transaction already excludes every other writer."""
 
+    def try_lock_key(self, env_id: int, key: str) -> bool:
+        """Claim an idempotency key for this transaction; SQLite's write lock already has."""
+        return True
+
     def blocks_for(self, env_id: int, end_user_id: str, feature_key: str) -> list[Row]:
         return self.all(
             "SELECT * FROM blocks WHERE env_id = :e AND end_user_id = :u AND feature_key = :f "

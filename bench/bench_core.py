@@ -1,0 +1,574 @@
+#!/usr/bin/env python3
+"""QuotaStack core benchmark: the entitlement check and usage recording over loopback.
+
+    .venv/bin/python bench/bench_core.py            # full: 1M-entry ledger (100k users), 10 s runs
+    .venv/bin/python bench/bench_core.py --quick    # smoke: 100k-entry ledger, 2 s runs, < 2 min
+    .venv/bin/python bench/bench_core.py --runs 3   # medians of 3 runs (what README's figures are)
+
+What it does (see bench/README.md for what each figure means):
+
+1. Seeds (or takes from bench/.cache/) a SQLite database with USERS end users and 10 ledger entries
+   each, plus one with USERS/10 end users (the "ledger ten times smaller" comparison).
+2. For each run: copies each seeded DB fresh, starts the real server on it
+   (``.venv/bin/quotastack serve`` on 127.0.0.1, a free port, pinned to CPU 0 with taskset when the
+   machine has ≥ 2 CPUs), and drives it from CPU 1 with wrk (or the asyncio fallback client):
+   check × {1, 64} clients and usage × {1, 64} clients on the big DB, check × {1, 64} on the small
+   DB, and the same client against a bare ASGI app on the same uvicorn stack (the ceiling).
+3. Prints a table, the ratios against the targets, and writes bench/results/<timestamp>.json.
+
+Every process it starts is killed on exit, Ctrl-C or error. Only 127.0.0.1 is ever contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+CACHE = BENCH / ".cache"
+RESULTS = BENCH / "results"
+VENV_BIN = ROOT / ".venv" / "bin"
+MIGRATIONS = ROOT / "src" / "quotastack" / "store" / "migrations"
+SEED_VERSION = "3"  # bump when seed.py changes the data it writes
+
+sys.path.insert(0, str(BENCH))
+import seed  # noqa: E402
+
+HOST = "127.0.0.1"  # loopback only, always
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+
+class Processes:
+    """Every child we start, so that all of them die with us, whatever happens."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[Any]] = []
+
+    def start(self, cmd: list[str], *, env: dict[str, str] | None = None, log: Path | None = None,
+              stdout: Any = None) -> subprocess.Popen[Any]:
+        out = open(log, "ab") if log else (stdout if stdout is not None else subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if log else None,
+                                start_new_session=True)
+        if log:
+            out.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=timeout)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(self.procs):
+            try:
+                self.stop(proc, timeout=3.0)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+
+
+PROCS = Processes()
+atexit.register(PROCS.stop_all)
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _on_signal)
+signal.signal(signal.SIGHUP, _on_signal)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[Any], log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.1)
+    raise RuntimeError(f"server not ready after {timeout} s; log:\n{log.read_text()[-3000:]}")
+
+
+class Pinning:
+    def __init__(self, enabled: bool) -> None:
+        self.taskset = shutil.which("taskset")
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.active = bool(enabled and self.taskset and len(cpus) >= 2)
+        self.server_cpu = cpus[0] if self.active else None
+        self.client_cpu = cpus[1] if self.active else None
+
+    def wrap(self, cmd: list[str], cpu: int | None) -> list[str]:
+        return [self.taskset, "-c", str(cpu), *cmd] if self.active and cpu is not None else cmd  # type: ignore[list-item]
+
+    def describe(self) -> str:
+        if not self.active:
+            return "not pinned (taskset missing, fewer than 2 CPUs, or --no-pin)"
+        return (f"server pinned to CPU {self.server_cpu} and load generator to CPU {self.client_cpu} "
+                f"(taskset -c)")
+
+
+class Server:
+    """One server process: the real service on a DB file, or the bare ceiling app."""
+
+    def __init__(self, kind: str, pin: Pinning, workdir: Path, db: Path | None = None) -> None:
+        self.kind, self.port = kind, free_port()
+        self.base = f"http://{HOST}:{self.port}"
+        self.log = workdir / f"server-{kind}-{self.port}.log"
+        self.operator_key = "op_" + secrets.token_hex(16)
+        env = dict(os.environ)
+        if kind == "service":
+            assert db is not None
+            env.update(QUOTASTACK_DATABASE_URL=f"sqlite:///{db}", QUOTASTACK_OPERATOR_KEY=self.operator_key)
+            env.pop("QUOTASTACK_RATE_LIMIT_PER_SECOND", None)
+            cmd = [str(VENV_BIN / "quotastack"), "serve", "--host", HOST, "--port", str(self.port),
+                   "--log-level", "warning"]
+            ready = "/healthz"
+        else:
+            cmd = [str(VENV_BIN / "python"), str(BENCH / "ceiling_app.py"), "--host", HOST, "--port", str(self.port)]
+            ready = "/"
+        self.proc = PROCS.start(pin.wrap(cmd, pin.server_cpu), env=env, log=self.log)
+        wait_http(self.base + ready, self.proc, self.log)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        PROCS.stop(self.proc)
+
+
+# ---- the seeded databases ---------------------------------------------------------------------
+
+
+def schema_hash() -> str:
+    h = hashlib.sha256(SEED_VERSION.encode())
+    for path in sorted(MIGRATIONS.rglob("*.py")):
+        h.update(path.relative_to(MIGRATIONS).as_posix().encode())
+        h.update(path.read_bytes())
+    h.update((BENCH / "seed.py").read_bytes())
+    return h.hexdigest()[:12]
+
+
+def seeded_db(users: int, entries_per_user: int, pin: Pinning, workdir: Path, rebuild: bool) -> tuple[Path, dict[str, Any]]:
+    """The cached seeded DB for this size, building it when missing, stale or of another schema."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    name = f"seed-{users}u-{entries_per_user}e-{schema_hash()}"
+    db, meta_path = CACHE / f"{name}.db", CACHE / f"{name}.json"
+    if not rebuild and db.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        # The seeded subscriptions' period must still contain "now" (and the whole run).
+        if meta["period_end_us"] > time.time_ns() // 1000 + 86_400_000_000:
+            meta["cached"] = True
+            return db, meta
+        print(f"  cache {db.name} is stale (its billing period ends soon): reseeding")
+    for old in CACHE.glob(f"seed-{users}u-{entries_per_user}e-*"):
+        old.unlink()
+    print(f"  seeding {users:,} end users × {entries_per_user} ledger entries → {db.name}", flush=True)
+    t0 = time.monotonic()
+    tmp = workdir / f"{name}.building.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+    server = Server("service", Pinning(False), workdir, tmp)
+    try:
+        catalog = seed.create_catalog(server.base, server.operator_key)
+    finally:
+        server.stop()
+    t_api = time.monotonic() - t0
+    stats = seed.bulk_seed(str(tmp), users, entries_per_user)
+    elapsed = time.monotonic() - t0
+    for suffix in ("-wal", "-shm"):
+        Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+    shutil.move(str(tmp), db)
+    meta = {"users": users, "entries_per_user": entries_per_user, "api_key": catalog.api_key,
+            "feature_key": seed.FEATURE_KEY, "variant_id": catalog.variant_id, "schema": schema_hash(),
+            "seed_seconds": round(elapsed, 2), "seed_api_seconds": round(t_api, 2),
+            "db_bytes": db.stat().st_size, **stats}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    print(f"  seeded in {elapsed:.1f} s ({stats['ledger_entries']:,} ledger entries, "
+          f"{db.stat().st_size / 2**20:.0f} MiB; conservation verified)", flush=True)
+    meta["cached"] = False
+    return db, meta
+
+
+def fresh_copy(db: Path, workdir: Path, tag: str) -> Path:
+    dst = workdir / f"run-{tag}.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{dst}{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(db, dst)
+    return dst
+
+
+def sanity_check(server: Server, meta: dict[str, Any], db: Path) -> None:
+    """The seeded data is what the server reports: one check per a few users, balances exact."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        for i in (0, meta["users"] // 2, meta["users"] - 1):
+            user = seed.USER_FORMAT.format(i)
+            (remaining,) = conn.execute("SELECT remaining FROM blocks WHERE end_user_id = ?", (user,)).fetchone()
+            req = urllib.request.Request(
+                f"{server.base}/v1/entitlements/check?end_user_id={user}&feature_key={meta['feature_key']}",
+                headers={"Authorization": f"Bearer {meta['api_key']}"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                body = json.loads(resp.read())
+            if not body.get("allowed") or body.get("balance") != remaining:
+                raise RuntimeError(f"sanity check failed for {user}: {body} (block remaining {remaining})")
+    finally:
+        conn.close()
+
+
+# ---- load generation --------------------------------------------------------------------------
+
+
+def percentile(hist: dict[int, int], p: float) -> int:
+    total = sum(hist.values())
+    if not total:
+        return 0
+    rank = max(1, -(-int(total * p * 1000) // 100_000))
+    seen = 0
+    for value in sorted(hist):
+        seen += hist[value]
+        if seen >= rank:
+            return value
+    return max(hist)
+
+
+class LoadGen:
+    def __init__(self, choice: str, pin: Pinning) -> None:
+        self.wrk = shutil.which("wrk") if choice in ("auto", "wrk") else None
+        if choice == "wrk" and not self.wrk:
+            raise SystemExit("--client wrk: wrk is not installed (apt-get install -y wrk)")
+        self.pin = pin
+        self.name = "wrk" if self.wrk else "python-asyncio (bench/pyload.py)"
+        self.version = ""
+        if self.wrk:
+            out = subprocess.run([self.wrk, "--version"], capture_output=True, text=True, timeout=10)
+            self.version = (out.stdout + out.stderr).splitlines()[0].strip()
+
+    def run(self, server: Server, mode: str, connections: int, duration: float, users: int, key: str,
+            feature: str, max_requests: int) -> dict[str, Any]:
+        seed_value = secrets.randbelow(2**31)
+        if self.wrk:
+            cmd = [self.wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
+                   "-s", str(BENCH / "load.lua"), server.base, "--",
+                   mode, str(users), str(max_requests), key, feature, str(seed_value)]
+        else:
+            cmd = [str(VENV_BIN / "python"), str(BENCH / "pyload.py"), "--host", HOST, "--port", str(server.port),
+                   "--mode", mode, "--connections", str(connections), "--duration", str(duration),
+                   "--users", str(users), "--max-requests", str(max_requests), "--key", key,
+                   "--feature", feature, "--seed", str(seed_value)]
+        cmd = self.pin.wrap(cmd, self.pin.client_cpu)
+        before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        server_cpu0 = server.cpu_seconds()
+        t0 = time.monotonic()
+        proc = PROCS.start(cmd, stdout=subprocess.PIPE)
+        try:
+            out, _ = proc.communicate(timeout=duration + 60)
+        except subprocess.TimeoutExpired:
+            PROCS.stop(proc)
+            raise RuntimeError(f"load generator did not finish: {cmd}") from None
+        PROCS.stop(proc)  # already exited: just forgets it
+        wall = time.monotonic() - t0
+        server_cpu = server.cpu_seconds() - server_cpu0
+        after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        client_cpu = (after_children.ru_utime - before_children.ru_utime) + (after_children.ru_stime - before_children.ru_stime)
+        text = out.decode(errors="replace")
+        line = next((ln for ln in text.splitlines() if ln.startswith("QSBENCH ")), None)
+        if proc.returncode != 0 or line is None:
+            raise RuntimeError(f"load generator failed ({proc.returncode}): {text[-2000:]}")
+        raw = json.loads(line[len("QSBENCH "):])
+        st = {int(k): int(v) for k, v in raw["st_hist_us"]}
+        ok = sum(v for k, v in raw["statuses"].items() if 200 <= int(k) < 300)
+        completed = raw["completed"]
+        window = raw["window_s"] or wall
+        return {
+            "mode": mode, "clients": connections, "requests": completed, "ok": ok,
+            "non_2xx": completed - ok, "statuses": raw["statuses"],
+            "socket_errors": {k: v for k, v in raw["errors"].items() if k != "status" and v},
+            "seconds": round(window, 3), "rps": round(completed / window, 1) if window else 0.0,
+            "latency_ms": {k: round(v / 1000, 3) for k, v in raw["latency_us"].items()},
+            "server_timing_ms": {"p50": percentile(st, 50) / 1000, "p90": percentile(st, 90) / 1000,
+                                 "p99": percentile(st, 99) / 1000, "p999": percentile(st, 99.9) / 1000,
+                                 "max": (max(st) / 1000) if st else 0.0,
+                                 "mean": round(sum(k * v for k, v in st.items()) / max(1, sum(st.values())) / 1000, 4)},
+            "no_server_timing": raw["no_server_timing"],
+            "server_cpu_pct": round(100 * server_cpu / wall, 1),
+            "client_cpu_pct": round(100 * client_cpu / wall, 1),
+        }
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+
+SCENARIOS = [  # (id, label, server, mode, clients)
+    ("check_big_c1", "check, big ledger", "big", "check", 1),
+    ("check_big_c64", "check, big ledger", "big", "check", 64),
+    ("usage_big_c1", "usage, big ledger", "big", "usage", 1),
+    ("usage_big_c64", "usage, big ledger", "big", "usage", 64),
+    ("check_small_c1", "check, ledger / 10", "small", "check", 1),
+    ("check_small_c64", "check, ledger / 10", "small", "check", 64),
+    ("ceiling_c1", "bare ASGI ceiling", "ceiling", "ceiling", 1),
+    ("ceiling_c64", "bare ASGI ceiling", "ceiling", "ceiling", 64),
+]
+TARGET_ST_P99_MS = 0.5
+TARGET_CEILING_RATIO = 0.5
+TARGET_GROWTH_RATIO = 1.25  # "unchanged": within +25 % (p50 and p99 of Server-Timing)
+
+
+def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[str, Any]]], pin: Pinning,
+            load: LoadGen, workdir: Path) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    for which in ("big", "small", "ceiling"):
+        if which == "ceiling":
+            server, meta = Server("ceiling", pin, workdir), {"users": 1, "api_key": "x", "feature_key": "x"}
+        else:
+            src, meta = dbs[which]
+            copy = fresh_copy(src, workdir, which)
+            server = Server("service", pin, workdir, copy)
+            sanity_check(server, meta, copy)
+        try:
+            warm_mode = "ceiling" if which == "ceiling" else "check"
+            load.run(server, warm_mode, 64, cfg.warmup, meta["users"], meta["api_key"], meta["feature_key"],
+                     cfg.max_requests)
+            for sid, label, srv, mode, clients in SCENARIOS:
+                if srv != which:
+                    continue
+                r = load.run(server, mode, clients, cfg.duration, meta["users"], meta["api_key"],
+                             meta["feature_key"], cfg.max_requests)
+                results[sid] = r
+                print(f"  run {run}  {sid:16} {r['rps']:9,.0f} req/s  lat p50/p99 {r['latency_ms']['p50']:.3f}/"
+                      f"{r['latency_ms']['p99']:.3f} ms  Server-Timing p50/p99 {r['server_timing_ms']['p50']:.3f}/"
+                      f"{r['server_timing_ms']['p99']:.3f} ms  cpu srv/cli {r['server_cpu_pct']:.0f}/"
+                      f"{r['client_cpu_pct']:.0f} %" + (f"  non-2xx {r['non_2xx']}" if r["non_2xx"] else ""),
+                      flush=True)
+        finally:
+            server.stop()
+            for f in workdir.glob(f"run-{which}.db*"):
+                f.unlink()
+    return results
+
+
+def median_of(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for sid, *_ in SCENARIOS:
+        rs = [r[sid] for r in runs if sid in r]
+        if not rs:
+            continue
+        med = lambda f: round(statistics.median(f(r) for r in rs), 4)  # noqa: E731
+        out[sid] = {
+            "rps": med(lambda r: r["rps"]),
+            "latency_ms": {p: med(lambda r, p=p: r["latency_ms"][p]) for p in ("p50", "p99")},
+            "server_timing_ms": {p: med(lambda r, p=p: r["server_timing_ms"][p]) for p in ("p50", "p99")},
+            "server_cpu_pct": med(lambda r: r["server_cpu_pct"]),
+            "client_cpu_pct": med(lambda r: r["client_cpu_pct"]),
+            "non_2xx": sum(r["non_2xx"] for r in rs),
+            "requests": sum(r["requests"] for r in rs),
+            "runs": len(rs),
+        }
+    return out
+
+
+def ratios(med: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def div(a: float, b: float) -> float | None:
+        return round(a / b, 3) if b else None
+
+    st_p99_worst = max(med[s]["server_timing_ms"]["p99"] for s in ("check_big_c1", "check_big_c64"))
+    out: dict[str, Any] = {
+        "check_st_p99_ms_worst": st_p99_worst,
+        "check_st_p99_target_ms": TARGET_ST_P99_MS,
+        "check_st_p99_ok": st_p99_worst < TARGET_ST_P99_MS,
+    }
+    for c in (1, 64):
+        out[f"check_over_ceiling_c{c}"] = div(med[f"check_big_c{c}"]["rps"], med[f"ceiling_c{c}"]["rps"])
+        for p in ("p50", "p99"):
+            out[f"st_{p}_big_over_small_c{c}"] = div(med[f"check_big_c{c}"]["server_timing_ms"][p],
+                                                    med[f"check_small_c{c}"]["server_timing_ms"][p])
+    out["check_over_ceiling_target"] = TARGET_CEILING_RATIO
+    out["check_over_ceiling_ok"] = (out["check_over_ceiling_c64"] or 0) >= TARGET_CEILING_RATIO
+    growth = [out[f"st_{p}_big_over_small_c{c}"] or 0 for p in ("p50", "p99") for c in (1, 64)]
+    out["growth_target"] = TARGET_GROWTH_RATIO
+    out["growth_ok"] = max(growth) <= TARGET_GROWTH_RATIO
+    return out
+
+
+def print_table(med: dict[str, dict[str, Any]], rat: dict[str, Any], sizes: dict[str, dict[str, Any]],
+                nruns: int) -> None:
+    big, small = sizes["big"], sizes["small"]
+    names = {"big": f"{big['ledger_entries']:,} entries", "small": f"{small['ledger_entries']:,} entries"}
+    print()
+    print(f"Figures ({'median of ' + str(nruns) + ' runs' if nruns > 1 else '1 run'}); latency = client-side, "
+          "Server-Timing = app;dur")
+    hdr = (f"{'scenario':40} {'clients':>7} {'req/s':>9} {'lat p50':>9} {'lat p99':>9} {'ST p50':>8} "
+           f"{'ST p99':>8} {'srv cpu':>7} {'cli cpu':>7} {'non-2xx':>7}")
+    print(hdr)
+    print("-" * len(hdr))
+    for sid, label, srv, _mode, clients in SCENARIOS:
+        if sid not in med:
+            continue
+        m = med[sid]
+        full = f"{label} ({names[srv]})" if srv in names else label
+        print(f"{full:40} {clients:>7} {m['rps']:>9,.0f} {m['latency_ms']['p50']:>9.3f} {m['latency_ms']['p99']:>9.3f} "
+              f"{m['server_timing_ms']['p50']:>8.3f} {m['server_timing_ms']['p99']:>8.3f} "
+              f"{m['server_cpu_pct']:>6.0f}% {m['client_cpu_pct']:>6.0f}% {m['non_2xx']:>7}")
+    print("(times in ms)")
+    print()
+    ok = lambda b: "MET" if b else "MISSED"  # noqa: E731
+    print("Targets")
+    print(f"  check Server-Timing p99 < {TARGET_ST_P99_MS} ms (big ledger, worst of 1/64 clients): "
+          f"{rat['check_st_p99_ms_worst']:.3f} ms  -> {ok(rat['check_st_p99_ok'])}")
+    print(f"  check throughput / bare ceiling >= {TARGET_CEILING_RATIO} (64 clients): "
+          f"{rat['check_over_ceiling_c64']}  (1 client: {rat['check_over_ceiling_c1']})  "
+          f"-> {ok(rat['check_over_ceiling_ok'])}")
+    print(f"  check time unchanged when the ledger grows 10x ({names['small']} -> {names['big']}), "
+          f"ratio <= {TARGET_GROWTH_RATIO}: ST p50 {rat['st_p50_big_over_small_c1']} / "
+          f"{rat['st_p50_big_over_small_c64']}, ST p99 {rat['st_p99_big_over_small_c1']} / "
+          f"{rat['st_p99_big_over_small_c64']} (1 / 64 clients)  -> {ok(rat['growth_ok'])}")
+
+
+def git_state() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return {"commit": commit, "src_dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke check: 10k users / 100k entries, 2 s runs")
+    p.add_argument("--runs", type=int, default=1, help="repeat every measurement N times, report medians")
+    p.add_argument("--users", type=int, help="end users in the big DB (default 100000; quick 10000)")
+    p.add_argument("--entries-per-user", type=int, default=10, help="ledger entries per end user (default 10)")
+    p.add_argument("--duration", type=float, help="seconds per measurement (default 10; quick 2)")
+    p.add_argument("--warmup", type=float, help="seconds of warm-up per server (default 3; quick 1)")
+    p.add_argument("--max-requests", type=int, default=2_000_000, help="hard cap per measurement")
+    p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
+    p.add_argument("--no-pin", action="store_true", help="do not pin server and client to separate CPUs")
+    p.add_argument("--rebuild-cache", action="store_true", help="reseed even if bench/.cache has the DBs")
+    p.add_argument("--out", type=Path, help="result JSON path (default bench/results/<timestamp>.json)")
+    cfg = p.parse_args()
+    cfg.users = cfg.users or (10_000 if cfg.quick else 100_000)
+    cfg.duration = cfg.duration or (2.0 if cfg.quick else 10.0)
+    cfg.warmup = cfg.warmup or (1.0 if cfg.quick else 3.0)
+    small_users = max(1, cfg.users // 10)
+
+    if not (VENV_BIN / "quotastack").exists():
+        raise SystemExit(f"{VENV_BIN / 'quotastack'} not found: create the venv first")
+    started = time.monotonic()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    workdir = CACHE / f"work-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    pin = Pinning(not cfg.no_pin)
+    load = LoadGen(cfg.client, pin)
+    print(f"QuotaStack core benchmark  {stamp}  ({'quick' if cfg.quick else 'full'})")
+    print(f"  machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}")
+    print(f"  load generator: {load.name} {load.version}".rstrip())
+    print(f"  pinning: {pin.describe()}")
+    print("  server: quotastack serve (uvicorn, 1 worker, loop=auto->uvloop, http=auto->httptools); "
+          "ceiling: bench/ceiling_app.py (uvicorn, uvloop, httptools)")
+    print(f"  {cfg.duration:g} s per measurement, {cfg.warmup:g} s warm-up per server, "
+          f"at most {cfg.max_requests:,} requests each, {cfg.runs} run(s)", flush=True)
+    try:
+        import httptools  # noqa: F401
+        import uvloop  # noqa: F401
+    except ImportError as exc:
+        print(f"  WARNING: {exc}: the service and the ceiling would not run the same stack")
+    try:
+        dbs = {"big": seeded_db(cfg.users, cfg.entries_per_user, pin, workdir, cfg.rebuild_cache),
+               "small": seeded_db(small_users, cfg.entries_per_user, pin, workdir, cfg.rebuild_cache)}
+        for which, (path, meta) in dbs.items():
+            print(f"  {which} DB: {meta['end_users']:,} end users, {meta['ledger_entries']:,} ledger entries, "
+                  f"{path.stat().st_size / 2**20:.0f} MiB ({'cached' if meta['cached'] else 'seeded'} in "
+                  f"{meta['seed_seconds']} s)", flush=True)
+        runs = [one_run(i + 1, cfg, dbs, pin, load, workdir) for i in range(cfg.runs)]
+    finally:
+        PROCS.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    med = median_of(runs)
+    rat = ratios(med)
+    sizes = {k: v[1] for k, v in dbs.items()}
+    print_table(med, rat, sizes, cfg.runs)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = cfg.out or RESULTS / f"{stamp}.json"
+    doc = {
+        "timestamp": stamp, "mode": "quick" if cfg.quick else "full",
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
+        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "load_generator": {"name": load.name, "version": load.version}, "pinning": pin.describe(),
+        "git": git_state(),
+        "databases": {k: {kk: vv for kk, vv in v.items() if kk != "api_key"} for k, v in sizes.items()},
+        "targets": {"check_st_p99_ms": TARGET_ST_P99_MS, "check_over_ceiling": TARGET_CEILING_RATIO,
+                    "growth_ratio_max": TARGET_GROWTH_RATIO},
+        "median": med, "ratios": rat, "runs": runs,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    out.write_text(json.dumps(doc, indent=2))
+    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}  "
+          f"(total {doc['elapsed_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        PROCS.stop_all()
+        print("\ninterrupted: every process started was stopped", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,215 @@
+"""Fixtures for the API tests: one real HTTP server on loopback, a fresh tenant per test.
+
+The server is uvicorn in a background thread, serving the real app on a real SQLite file; tests
+talk to it over HTTP with httpx. Every reply is checked for the headers every response must carry
+(``Request-Id: req_…`` and ``Server-Timing: app;dur=…``), so no test can forget them.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+
+from quotastack.api import create_app
+from quotastack.api.app import Settings
+from quotastack.store import open_database
+
+OPERATOR_KEY = "test-operator"
+REQUEST_ID = re.compile(r"^req_[0-9a-f]{20}$")
+SERVER_TIMING = re.compile(r"^app;dur=\d+\.\d{3}$")
+# How each ledger entry type moves balance + reserved (API.md §8): commit only moves reserved
+# credits out of the reservation, which the reserve entry has already taken from the balance.
+SIGN = {"grant": 1, "refund": 1, "rollover": 1, "release": 1,
+        "use": -1, "expire": -1, "void": -1, "reserve": -1, "commit": 0}
+
+
+@dataclass
+class Server:
+    base_url: str
+    app: Any  # the Edge (api/edge.py); the FastAPI app is ``app.app``
+    db: Any
+
+
+@contextmanager
+def running_server(db_path: Path, settings: Settings | None = None) -> Iterator[Server]:
+    """Serve the app on 127.0.0.1, on a port the OS picks, until the block ends."""
+    db = open_database(f"sqlite:///{db_path}")
+    app = create_app(db, settings or Settings(operator_key=OPERATOR_KEY))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, name="quotastack-test-server", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.005)  # start-up polling, the only sleep in the suite
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield Server(f"http://127.0.0.1:{port}", app, db)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        db.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(tmp_path_factory.mktemp("api") / "x.db") as running:
+        yield running
+
+
+# ---- talking to it ------------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    status: int
+    body: Any  # parsed JSON (exact Decimals for non-integers), or None
+    text: str
+    headers: httpx.Headers
+
+    @property
+    def replayed(self) -> bool:
+        return self.headers.get("Idempotent-Replayed") == "true"
+
+
+def reply_of(response: httpx.Response) -> Reply:
+    assert REQUEST_ID.match(response.headers.get("Request-Id", "")), response.headers
+    assert SERVER_TIMING.match(response.headers.get("Server-Timing", "")), response.headers
+    body = None
+    if response.headers.get("content-type", "").startswith("application/json"):
+        body = response.json(parse_float=Decimal)
+    return Reply(response.status_code, body, response.text, response.headers)
+
+
+class Api:
+    """One API key's view of the server: every call returns a checked ``Reply``."""
+
+    def __init__(self, base_url: str, key: str | None) -> None:
+        self.key = key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=30)
+
+    def call(self, method: str, path: str, body: Any = None, *, key: str | None = None,
+             params: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+             content: bytes | None = None) -> Reply:
+        headers = dict(headers or {})
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        if body is not None:
+            content = orjson.dumps(body, default=str)
+        if content is not None:
+            headers.setdefault("Content-Type", "application/json")
+        return reply_of(self.http.request(method, path, content=content, params=params, headers=headers))
+
+    def get(self, path: str, **params: Any) -> Reply:
+        return self.call("GET", path, params=params or None)
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> Reply:
+        return self.call("POST", path, body, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> Reply:
+        return self.call("DELETE", path, **kwargs)
+
+    def ok(self, method: str, path: str, body: Any = None, status: int = 200, **kwargs: Any) -> Any:
+        """The parsed body of a call that must answer ``status``."""
+        reply = self.call(method, path, body, **kwargs)
+        assert reply.status == status, (reply.status, reply.text)
+        return reply.body
+
+    def close(self) -> None:
+        self.http.close()
+
+
+@dataclass
+class Tenant:
+    id: str
+    sandbox: Api
+    live: Api
+    created: dict[str, Any]
+
+
+def new_tenant(base_url: str, name: str = "acme") -> Tenant:
+    operator = Api(base_url, OPERATOR_KEY)
+    try:
+        created = operator.ok("POST", "/v1/tenants", {"name": name}, 201)
+    finally:
+        operator.close()
+    keys = created["api_keys"]
+    return Tenant(created["id"], Api(base_url, keys[0]["key"]), Api(base_url, keys[1]["key"]), created)
+
+
+@pytest.fixture
+def tenant(server: Server) -> Iterator[Tenant]:
+    """A fresh tenant: tests share the server, never data."""
+    t = new_tenant(server.base_url)
+    yield t
+    t.sandbox.close()
+    t.live.close()
+
+
+@pytest.fixture
+def api(tenant: Tenant) -> Api:
+    """The fresh tenant's sandbox admin key, for tests that need only one environment."""
+    return tenant.sandbox
+
+
+@pytest.fixture
+def anonymous(server: Server) -> Iterator[Api]:
+    client = Api(server.base_url, None)
+    yield client
+    client.close()
+
+
+# ---- assertions shared by the test files -----------------------------------------------------------
+
+def assert_error(reply: Reply, status: int, code: str, param: str | None = None) -> dict[str, Any]:
+    """The one error envelope, exactly: five fields, and the request id of the response."""
+    assert reply.status == status, (reply.status, reply.text)
+    assert set(reply.body) == {"error"}, reply.body
+    error = reply.body["error"]
+    assert set(error) == {"type", "code", "message", "param", "request_id"}, error
+    assert error["code"] == code, error
+    assert error["param"] == param, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert error["request_id"] == reply.headers["Request-Id"], (error, reply.headers)
+    return error  # type: ignore[no-any-return]
+
+
+def ledger(api: Api, **filters: Any) -> list[dict[str, Any]]:
+    """Every ledger entry matching ``filters``, newest first, following the cursor."""
+    entries: list[dict[str, Any]] = []
+    params = {"limit": 500, **filters}
+    while True:
+        page = api.ok("GET", "/v1/ledger", params=params)
+        entries += page["data"]
+        if not page["has_more"]:
+            return entries
+        params["starting_after"] = page["next_cursor"]
+
+
+def balance_of(api: Api, end_user_id: str, feature_key: str) -> tuple[Decimal, Decimal]:
+    """``(balance, reserved)`` of one feature, from GET /v1/balances."""
+    data = api.ok("GET", f"/v1/balances/{end_user_id}", params={"feature_key": feature_key})["data"]
+    assert [d["feature_key"] for d in data] == [feature_key]
+    return Decimal(data[0]["balance"]), Decimal(data[0]["reserved"])
+
+
+def assert_conserved(api: Api, end_user_id: str, feature_key: str) -> Decimal:
+    """The ledger adds up to balance + reserved (API.md §8); returns the balance."""
+    total = sum((SIGN[e["type"]] * Decimal(e["amount"])
+                 for e in ledger(api, end_user_id=end_user_id, feature_key=feature_key)), Decimal(0))
+    balance, reserved = balance_of(api, end_user_id, feature_key)
+    assert total == balance + reserved, (total, balance, reserved)
+    return balance
