@@ -213,3 +213,35 @@ def assert_conserved(api: Api, end_user_id: str, feature_key: str) -> Decimal:
     balance, reserved = balance_of(api, end_user_id, feature_key)
     assert total == balance + reserved, (total, balance, reserved)
     return balance
+
+
+# ---- catalog shortcuts -------------------------------------------------------------------------------
+
+def feature(api: Api, key: str, **fields: Any) -> dict[str, Any]:
+    return api.ok("POST", "/v1/features", {"key": key, **fields}, 201)  # type: ignore[no-any-return]
+
+
+def variant(api: Api, entitlements: list[dict[str, Any]], plan: str = "pro", key: str | None = None,
+            default: bool = False, **fields: Any) -> dict[str, Any]:
+    """A plan variant with ``entitlements``, creating its plan when it does not exist yet."""
+    found = api.get(f"/v1/plans/{plan}")
+    if found.status == 404:
+        found = api.post("/v1/plans", {"key": plan, "default": default})
+        assert found.status == 201, found.text
+    body = {"key": key or f"{plan}_monthly", "entitlements": entitlements, **fields}
+    return api.ok("POST", f"/v1/plans/{found.body['id']}/variants", body, 201)  # type: ignore[no-any-return]
+
+
+def subscribe(api: Api, end_user_id: str, variant_id: str, **fields: Any) -> dict[str, Any]:
+    body = {"end_user_id": end_user_id, "plan_variant_id": variant_id, **fields}
+    return api.ok("POST", "/v1/subscriptions", body, 201)  # type: ignore[no-any-return]
+
+
+def grant(api: Api, end_user_id: str, feature_key: str, amount: Any, **fields: Any) -> dict[str, Any]:
+    body = {"end_user_id": end_user_id, "feature_key": feature_key, "amount": amount, **fields}
+    return api.ok("POST", "/v1/grants", body, 201)  # type: ignore[no-any-return]
+
+
+def use(api: Api, end_user_id: str, feature_key: str, units: Any, **kwargs: Any) -> Reply:
+    return api.post("/v1/usage", {"end_user_id": end_user_id, "feature_key": feature_key, "units": units},
+                    **kwargs)

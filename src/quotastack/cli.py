@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 DEFAULT_URL = "sqlite:///quotastack.db"
 
@@ -20,7 +19,8 @@ def _settings() -> "object":
 
     return Settings(operator_key=os.environ.get("QUOTASTACK_OPERATOR_KEY") or None,
                     rate_limit_per_second=float(os.environ.get("QUOTASTACK_RATE_LIMIT_PER_SECOND", "0")),
-                    docs_dir=os.environ.get("QUOTASTACK_DOCS_DIR") or None)
+                    docs_dir=os.environ.get("QUOTASTACK_DOCS_DIR") or None,
+                    sweep_interval_seconds=float(os.environ.get("QUOTASTACK_SWEEP_INTERVAL_SECONDS", "5")))
 
 
 def app_factory() -> object:
@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"QuotaStack on http://{args.host}:{args.port} (database: {database_url()})", flush=True)
     uvicorn.run("quotastack.cli:app_factory", factory=True, host=args.host, port=args.port,
                 workers=args.workers if args.workers > 1 else None, log_level=args.log_level,
-                access_log=False, loop="auto", http="auto", lifespan="off")
+                access_log=False, loop="auto", http="auto", lifespan="on")
     return 0
 
 

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -492,6 +493,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print("QuotaStack demo: an LLM app's billing, replayed from a real trace")
     print(f"trace: {path} ({number(len(rows))} requests, {rows[0].timestamp} .. {rows[-1].timestamp})")
 
+    # `kill` (SIGTERM) must also stop the server we start, like Ctrl-C does.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="quotastack-demo-") as workdir:
         operator_key = "qs_operator_" + secrets.token_urlsafe(24)
         server = start_server(Path(workdir), args.database, operator_key)
@@ -508,6 +511,13 @@ def run_demo(args: argparse.Namespace) -> int:
             return 130
         finally:
             stop_server(server)
+
+
+def stop_on_sigterm(signum: int, frame: Any) -> None:
+    """`kill` stops the demo the way Ctrl-C does (asyncio then cancels the replay cleanly)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. started with `&` from a script
+        raise KeyboardInterrupt
+    signal.raise_signal(signal.SIGINT)
 
 
 def run_against(server: Server, operator_key: str, rows: list[Row], args: argparse.Namespace) -> int:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +19,8 @@ from ..domain.errors import InvalidRequest, NotFound, QuotaStackError
 from ..service import entitlements
 from ..service.ports import Database
 from ..service.subscriptions import ensure_subscription
-from .auth import Authenticator, RateLimiter
+from ..service.sweep import sweep
+from .auth import Authenticator, RateLimiter, now_us
 from .edge import Edge, Metrics
 from .mutations import Mutations
 from .render import JSON, error_body, error_response
@@ -29,6 +34,18 @@ class Settings:
     operator_key: str | None = None
     rate_limit_per_second: float = 0.0
     docs_dir: str | None = None
+    # The background sweep (see service/sweep.py); 0 turns it off. It runs only where the server
+    # runs the ASGI lifespan (``quotastack serve`` does).
+    sweep_interval_seconds: float = 5.0
+
+
+async def _sweeping(db: Database, interval_seconds: float) -> None:
+    while True:
+        await asyncio.sleep(interval_seconds)
+        try:
+            await db.run(sweep, db, now_us())
+        except Exception:  # noqa: BLE001 - the next round tries again; requests never depend on it
+            log.exception("sweep failed")
 
 
 def _request_id(request: Request) -> str:
@@ -40,10 +57,25 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
     auth = Authenticator(db, settings.operator_key, RateLimiter(settings.rate_limit_per_second))
     mutations = Mutations(db)
     metrics = Metrics()
-    app = FastAPI(title="QuotaStack", version=__version__, default_response_class=JSON,
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_sweeping(db, settings.sweep_interval_seconds)) \
+            if settings.sweep_interval_seconds > 0 else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    app = FastAPI(title="QuotaStack", version=__version__, default_response_class=JSON, lifespan=lifespan,
                   openapi_url="/openapi.json", docs_url="/docs", redoc_url=None,
                   description="Credit-native billing: exact ledger, real-time entitlements, "
                               "reservations, resetting quotas.")
+    # The in-flight Idempotency-Key registry, reachable from the process (tests hold a claim to
+    # stand for a request that is still running).
+    app.state.mutations = mutations
     async def check_endpoint(authorization: str | None, rid: str, query: dict[str, str]) -> dict[str, Any]:
         ctx = auth.context(authorization, rid, ("entitlements:read", "read"))
         end_user_id = query.get("end_user_id")

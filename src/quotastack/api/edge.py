@@ -7,6 +7,7 @@ routed endpoint) and hands every other request to the FastAPI app.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from .render import dumps, error_of
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 CHECK_PATH = "/v1/entitlements/check"
+log = logging.getLogger("quotastack")
 
 
 def request_id() -> str:
@@ -65,18 +67,32 @@ class Edge:
             await self._check(scope, send, rid, start_ns)
             return
         status = 500
+        started = complete = False
 
         async def send_with_headers(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, started, complete
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 timing, _ = _timing(start_ns)
                 message["headers"] = [*message.get("headers", ()), (b"request-id", rid.encode()),
                                       (b"server-timing", timing)]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # The framework answers a bug with 500 internal_error (and logs it), then re-raises
+            # it for the server; the server would then drop the keep-alive connection under the
+            # client's next request. An answered request is over: keep the connection.
+            if complete:
+                return
+            if started:
+                raise
+            log.exception("internal error on %s %s", scope["method"], scope["path"])
+            bug = QuotaStackError("internal error: nothing was changed")
+            await self._send(send, bug.status, dumps(error_of(bug, rid)), rid, start_ns, None)
         finally:
             route = scope.get("route")
             self.metrics.observe(getattr(route, "path", "unmatched"), status, _timing(start_ns)[1])
@@ -97,6 +113,18 @@ class Edge:
         except UnicodeDecodeError:
             exc2 = InvalidRequest("malformed query string")
             status, body, retry_after = exc2.status, dumps(error_of(exc2, rid)), None
+        except Exception:
+            # A bug: the same envelope as every other route's 500, never the server's bare text.
+            log.exception("internal error on GET %s", CHECK_PATH)
+            bug = QuotaStackError("internal error: nothing was changed")
+            status, body, retry_after = bug.status, dumps(error_of(bug, rid)), None
+        seconds = await self._send(send, status, body, rid, start_ns, retry_after)
+        self.metrics.observe(CHECK_PATH, status, seconds)
+
+    @staticmethod
+    async def _send(send: Any, status: int, body: bytes, rid: str, start_ns: int,
+                    retry_after: int | None) -> float:
+        """Send a whole JSON response with the headers every response carries."""
         timing, seconds = _timing(start_ns)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"request-id", rid.encode()), (b"server-timing", timing)]
@@ -104,4 +132,4 @@ class Edge:
             headers.append((b"retry-after", str(retry_after).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        self.metrics.observe(CHECK_PATH, status, seconds)
+        return seconds

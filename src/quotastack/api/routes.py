@@ -14,7 +14,9 @@ from pydantic import BaseModel
 
 from ..domain import periods
 from ..domain.errors import InvalidRequest, NotFound, QuotaStackError
-from ..service import catalog, clock, credits, entitlements, queries, subscriptions, tenants, usage
+from ..service import (
+    catalog, clock, credits, entitlements, queries, refunds, reservations, subscriptions, tenants, usage,
+)
 from ..service.context import Ctx
 from ..service.ports import Database, Tx
 from ..service.subscriptions import ensure_subscription
@@ -291,6 +293,48 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
     async def get_usage(request: Request, usage_id: str) -> Response:
         return await read(request, lambda tx, ctx: queries.usage_event(tx, ctx, usage_id))
 
+    # ---- reservations and refunds ------------------------------------------------------------------
+
+    @r.post("/v1/reservations", status_code=201, tags=["reservations"],
+            openapi_extra=_body_schema(schemas.ReservationIn))
+    async def create_reservation(request: Request) -> Response:
+        return await mutate(request, "reservations:write", schemas.ReservationIn, reservations.reserve, 201)
+
+    @r.post("/v1/reservations/{reservation_id}/commit", tags=["reservations"],
+            openapi_extra=_body_schema(schemas.CommitIn))
+    async def commit_reservation(request: Request, reservation_id: str) -> Response:
+        return await mutate(request, "reservations:write", schemas.CommitIn,
+                            lambda tx, ctx, d: reservations.commit(tx, ctx, reservation_id, d),
+                            object_ids=(reservation_id,))
+
+    @r.post("/v1/reservations/{reservation_id}/release", tags=["reservations"])
+    async def release_reservation(request: Request, reservation_id: str) -> Response:
+        return await mutate(request, "reservations:write", None,
+                            lambda tx, ctx, d: reservations.release(tx, ctx, reservation_id),
+                            object_ids=(reservation_id,))
+
+    @r.post("/v1/reservations/{reservation_id}/extend", tags=["reservations"],
+            openapi_extra=_body_schema(schemas.ExtendIn))
+    async def extend_reservation(request: Request, reservation_id: str) -> Response:
+        return await mutate(request, "reservations:write", schemas.ExtendIn,
+                            lambda tx, ctx, d: reservations.extend(tx, ctx, reservation_id, d),
+                            object_ids=(reservation_id,))
+
+    @r.get("/v1/reservations/{reservation_id}", tags=["reservations"])
+    async def get_reservation(request: Request, reservation_id: str) -> Response:
+        return await read(request, lambda tx, ctx: reservations.get(tx, ctx, reservation_id))
+
+    @r.get("/v1/reservations", tags=["reservations"])
+    async def list_reservations(request: Request, end_user_id: str | None = Query(None, max_length=255),
+                                status: str | None = None, limit: int = Limit,
+                                starting_after: str | None = After) -> Response:
+        return await read(request, lambda tx, ctx: queries.reservations(tx, ctx, end_user_id, status, limit,
+                                                                        starting_after), settle=True)
+
+    @r.post("/v1/refunds", status_code=201, tags=["credits"], openapi_extra=_body_schema(schemas.RefundIn))
+    async def create_refund(request: Request) -> Response:
+        return await mutate(request, "credits:write", schemas.RefundIn, refunds.refund, 201)
+
     # ---- sandbox clock ------------------------------------------------------------------------------
 
     @r.get("/v1/test_clock", tags=["sandbox"])
@@ -373,7 +417,11 @@ def _batch(mutations: Mutations, tx: Tx, ctx: Ctx, events: list[Any]) -> dict[st
             continue
         entry: dict[str, Any] = {"status": outcome.status}
         if outcome.status >= 300:
-            entry["error"] = orjson.loads(outcome.body)["error"]
+            # A stored outcome (402…) names its param as a single usage would: point it at the event.
+            error = orjson.loads(outcome.body)["error"]
+            if error["param"] is not None:
+                error["param"] = f"events[{i}].{error['param']}"
+            entry["error"] = error
         else:
             entry["usage"] = outcome.result if outcome.result is not None else orjson.Fragment(outcome.body)
         if outcome.replayed:

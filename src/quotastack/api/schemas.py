@@ -149,6 +149,29 @@ class UsageBatchIn(Body):
     events: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
 
 
+class ReservationIn(Body):
+    end_user_id: EndUserId
+    feature_key: Key
+    units: Amount
+    ttl_seconds: StrictInt | None = Field(default=None, ge=1, le=604_800)
+    metadata: Metadata | None = None
+
+
+class CommitIn(Body):
+    units: Amount
+    final: StrictBool = True
+
+
+class ExtendIn(Body):
+    ttl_seconds: StrictInt = Field(ge=1, le=604_800)
+
+
+class RefundIn(Body):
+    usage_id: str | None = None
+    reservation_id: str | None = None
+    amount: Amount = None
+
+
 class TenantIn(Body):
     name: Annotated[str, Field(min_length=1, max_length=255)]
 

@@ -7,7 +7,7 @@ writing responses). Nothing here ever touches a float.
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation, localcontext
 
 from .errors import InvalidAmount
 
@@ -43,12 +43,22 @@ def to_minor(value: object, precision: int, param: str, *, allow_zero: bool = Fa
     number = to_decimal(value, param)
     if number < 0 or (number == 0 and not allow_zero):
         raise InvalidAmount(f"{param} must be {'zero or ' if allow_zero else ''}positive", param)
-    scaled = number.scaleb(precision)
-    if scaled != scaled.to_integral_value():
+    if number == 0:
+        return 0
+    # Integer arithmetic on the digits, not Decimal arithmetic: that rounds to the context's
+    # 28 digits (1.00000000000000000000000000001 would pass as 1) and overflows or underflows
+    # on extreme exponents (1e999999999, 1e-999999999).
+    if number.adjusted() > 15:  # at least 10**16, beyond MAX_MINOR at any precision
+        raise InvalidAmount(f"{param} is out of range", param)
+    _, digits, exponent = number.as_tuple()
+    significant = "".join(map(str, digits)).rstrip("0")
+    exponent += len(digits) - len(significant)  # number == int(significant) * 10**exponent
+    assert isinstance(exponent, int)
+    if exponent + precision < 0:
         raise InvalidAmount(
             f"{param} has more than {precision} decimal place{'s' if precision != 1 else ''}", param
         )
-    minor = int(scaled)
+    minor = int(significant) * 10 ** (exponent + precision)
     if minor > MAX_MINOR:
         raise InvalidAmount(f"{param} is out of range", param)
     return minor
@@ -68,8 +78,12 @@ def scale_round(units_minor: int, units_precision: int, rate: Decimal, precision
     Used where the service computes an amount itself (units of a feature that draws on a
     credit pool at ``rate`` credits per unit).
     """
-    exact = Decimal(units_minor).scaleb(-units_precision) * rate
-    return int(exact.scaleb(precision).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    # Exact, then rounded once: units and rate have at most 16 digits each, so their product
+    # fits in 40 digits, where the default 28-digit context would round it first (and then
+    # round half up a value that was below the half).
+    with localcontext(Context(prec=40)):
+        exact = Decimal(units_minor).scaleb(-units_precision) * rate
+        return int(exact.scaleb(precision).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 def format_decimal(value: Decimal) -> str:

@@ -5,9 +5,10 @@ whose ``effective_at`` has come, blocks whose ``expires_at`` has passed), and th
 movement as ledger entries with the running balance. It is the only code that writes
 ``ledger_entries`` or changes a block's ``remaining``, so the conservation identity
 
-    grants + refunds + rollovers + releases - uses - expiries - voids - reserves = balance
+    grants + refunds + rollovers - uses - expiries - voids - commits = balance + reserved
 
-(per block and in total; ``reserved`` moves the other way) is kept in one place.
+(``reserve`` and ``release`` move credits between a block and its reservations, ``commit``
+takes them out of the reserved total) is kept in one place.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from .codec import dumps
 from .context import Ctx
 from .ports import Row, Tx
 
-CREDIT_TYPES = ("grant", "refund", "rollover", "release")
-DEBIT_TYPES = ("use", "expire", "void", "reserve")
+# How each entry type moves a block's ``remaining`` (the balance) and the reserved total.
+EFFECTS = {
+    "grant": (1, 0), "refund": (1, 0), "rollover": (1, 0),
+    "use": (-1, 0), "expire": (-1, 0), "void": (-1, 0),
+    "reserve": (-1, 1), "release": (1, -1), "commit": (0, -1),
+}
 
 
 @dataclass(slots=True)
@@ -45,7 +50,7 @@ class Account:
         for row in tx.blocks_for(ctx.env_id, end_user_id, feature_key):
             self.rows[row["id"]] = dict(row)
         self.balance = sum(r["remaining"] for r in self.rows.values() if r["status"] == "active")
-        self.reserved = 0
+        self.reserved = tx.reserved_total(ctx.env_id, end_user_id, feature_key)
         self.settle(ctx.now_us)
 
     # ---- reading --------------------------------------------------------------------------------
@@ -70,13 +75,20 @@ class Account:
                 due.append((row["effective_at_us"], 0, row["id"], "grant"))
             if row["expires_at_us"] is not None and row["expires_at_us"] <= now_us:
                 due.append((row["expires_at_us"], 1, row["id"], "expire"))
-        for instant, _, block_id, kind in sorted(due):
-            row = self.rows[block_id]
+        for rsv in self.tx.due_reservations(self.ctx.env_id, self.end_user_id, self.feature_key, now_us):
+            due.append((rsv["expires_at_us"], 2, rsv["id"], "reservation"))
+        for instant, _, object_id, kind in sorted(due):
+            if kind == "reservation":
+                self.release_holds(object_id, at_us=instant, reason="reservation expired")
+                self.tx.update("reservations", {"id": object_id}, {"status": "expired", "ended_at_us": instant})
+                self.event("reservation.expired", {"reservation_id": object_id})
+                continue
+            row = self.rows[object_id]
             if kind == "grant":
                 amount, row["remaining"] = row["remaining"], 0
                 row["status"] = "active"
-                self._move(row, "grant", amount, at_us=instant, reason="effective")
-                self.tx.update("blocks", {"id": block_id}, {"status": "active"})
+                self.move(row, "grant", amount, at_us=instant, reason="effective")
+                self.tx.update("blocks", {"id": object_id}, {"status": "active"})
             else:
                 self.expire(row, at_us=instant)
 
@@ -84,7 +96,7 @@ class Account:
         """Take a block's remaining amount out of the balance for good."""
         entry = None
         if row["status"] == "active" and row["remaining"] > 0:
-            entry = self._move(row, "expire", row["remaining"], at_us=at_us, reason=reason)
+            entry = self.move(row, "expire", row["remaining"], at_us=at_us, reason=reason)
             self.event("credits.expired", {"block_id": row["id"], "amount": views.amount(entry["amount"], self.precision)})
         if row["status"] in ("active", "scheduled"):
             row["status"] = "expired"
@@ -115,7 +127,7 @@ class Account:
         if not scheduled:
             # The entry adds the amount: count it in the block only once.
             row["remaining"] = 0
-            self._move(row, entry_type, amount, reason=reason)
+            self.move(row, entry_type, amount, reason=reason)
         self.event("credits.granted", {"block_id": row["id"], "amount": views.amount(amount, self.precision),
                                        "source": source, "expires_at": views.ts(expires_at_us)})
         return row
@@ -131,30 +143,87 @@ class Account:
         if shortfall and not partial:
             return result
         for block, take in takes:
-            result.entries.append(self._move(self.rows[block.id], entry_type, take, usage_id=usage_id,
+            result.entries.append(self.move(self.rows[block.id], entry_type, take, usage_id=usage_id,
                                              reservation_id=reservation_id, reason=reason))
         return result
+
+    def block_row(self, block_id: str) -> dict[str, Any]:
+        """A block of this account, loading it when it is no longer live (expired, voided)."""
+        if block_id not in self.rows:
+            row = self.tx.get("blocks", id=block_id)
+            assert row is not None and row["feature_key"] == self.feature_key
+            self.rows[block_id] = dict(row)
+        return self.rows[block_id]
+
+    def hold(self, amount: int, reservation_id: str) -> Draw:
+        """Move ``amount`` from the balance to ``reservation_id``, block by block."""
+        result = self.draw(amount, entry_type="reserve", reservation_id=reservation_id)
+        if not result.shortfall:
+            self.tx.insert_many("reservation_holds", [
+                {"reservation_id": reservation_id, "block_id": e["block_id"], "seq": i, "amount": e["amount"]}
+                for i, e in enumerate(result.entries)])
+        return result
+
+    def commit_holds(self, reservation_id: str, amount: int, usage_id: str | None = None) -> list[dict[str, Any]]:
+        """Charge ``amount`` (at most what is held) out of the reservation, in the order held."""
+        entries = []
+        left = amount
+        for hold in self.tx.holds_of(reservation_id):
+            if left == 0:
+                break
+            take = min(left, hold["amount"])
+            if take == 0:
+                continue
+            entries.append(self.move(self.block_row(hold["block_id"]), "commit", take,
+                                      reservation_id=reservation_id, usage_id=usage_id))
+            self.tx.update("reservation_holds", {"reservation_id": reservation_id, "block_id": hold["block_id"]},
+                           {"amount": hold["amount"] - take})
+            left -= take
+        assert left == 0, "commit_holds is never asked for more than is held"
+        return entries
+
+    def release_holds(self, reservation_id: str, at_us: int | None = None,
+                      reason: str | None = None) -> list[dict[str, Any]]:
+        """Give everything still held back to the blocks it came from.
+
+        A block that has expired (or been voided) since takes the credits back and loses them at
+        once: released credit never outlives its block.
+        """
+        at = self.ctx.now_us if at_us is None else at_us
+        entries = []
+        for hold in self.tx.holds_of(reservation_id):
+            if hold["amount"] == 0:
+                continue
+            row = self.block_row(hold["block_id"])
+            entries.append(self.move(row, "release", hold["amount"], at_us=at, reservation_id=reservation_id,
+                                      reason=reason))
+            dead = row["status"] in ("expired", "voided") or (
+                row["expires_at_us"] is not None and row["expires_at_us"] <= at)
+            if dead:
+                entries.append(self.move(row, "expire", hold["amount"], at_us=at, reservation_id=reservation_id,
+                                          reason="released into an expired block"))
+            self.tx.update("reservation_holds", {"reservation_id": reservation_id, "block_id": hold["block_id"]},
+                           {"amount": 0})
+        return entries
 
     def void(self, row: dict[str, Any], reason: str | None = None) -> dict[str, Any] | None:
         entry = None
         if row["status"] == "active" and row["remaining"] > 0:
-            entry = self._move(row, "void", row["remaining"], reason=reason)
+            entry = self.move(row, "void", row["remaining"], reason=reason)
         row["status"] = "voided"
         self.tx.update("blocks", {"id": row["id"]}, {"status": "voided", "remaining": row["remaining"]})
         return entry
 
-    def _move(self, row: dict[str, Any], entry_type: str, amount: int, *, at_us: int | None = None,
+    def move(self, row: dict[str, Any], entry_type: str, amount: int, *, at_us: int | None = None,
               usage_id: str | None = None, reservation_id: str | None = None,
               reason: str | None = None) -> dict[str, Any]:
         assert amount > 0, (entry_type, amount)
-        sign = 1 if entry_type in CREDIT_TYPES else -1
-        row["remaining"] += sign * amount
+        to_remaining, to_reserved = EFFECTS[entry_type]
+        row["remaining"] += to_remaining * amount
         assert row["remaining"] >= 0, "a block never goes below zero"
-        self.balance += sign * amount
-        if entry_type == "reserve":
-            self.reserved += amount
-        elif entry_type in ("release", "commit"):
-            self.reserved -= amount
+        self.balance += to_remaining * amount
+        self.reserved += to_reserved * amount
+        assert self.reserved >= 0, "nothing is ever reserved below zero"
         self.tx.update("blocks", {"id": row["id"]}, {"remaining": row["remaining"]})
         entry = {
             "id": new_id("led"), "env_id": self.ctx.env_id, "end_user_id": self.end_user_id,
@@ -165,7 +234,7 @@ class Account:
             "created_at_us": self.ctx.now_us if at_us is None else at_us,
         }
         self.tx.insert("ledger_entries", entry)
-        if self.balance == 0 and sign < 0 and entry_type == "use":
+        if self.balance == 0 and entry_type == "use":
             self.event("balance.depleted", {"feature_key": self.feature_key})
         return entry
 

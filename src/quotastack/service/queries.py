@@ -12,6 +12,7 @@ from .catalog import variant_view
 from .context import Ctx
 from .features import Features
 from .ports import Row, Tx
+from .reservations import as_of_now
 from .tenants import key_view
 
 LEDGER_TYPES = ("grant", "refund", "rollover", "use", "expire", "void", "reserve", "commit", "release")
@@ -48,6 +49,14 @@ def packs(tx: Tx, ctx: Ctx, limit: int, after: str | None) -> dict[str, Any]:
 def subscriptions(tx: Tx, ctx: Ctx, end_user_id: str | None, status: str | None, limit: int,
                   after: str | None) -> dict[str, Any]:
     return listing(tx, ctx, "subscriptions", views.subscription, limit, after,
+                   {"end_user_id": end_user_id, "status": status})
+
+
+def reservations(tx: Tx, ctx: Ctx, end_user_id: str | None, status: str | None, limit: int,
+                 after: str | None) -> dict[str, Any]:
+    """Reservations, newest first; settled first, so a past-due one lists as ``expired``."""
+    settle_end_user(tx, ctx, end_user_id)
+    return listing(tx, ctx, "reservations", lambda r: as_of_now(tx, ctx, r), limit, after,
                    {"end_user_id": end_user_id, "status": status})
 
 
@@ -98,12 +107,17 @@ def usage_event(tx: Tx, ctx: Ctx, usage_id: str) -> dict[str, Any]:
             "timestamp": views.ts(row["timestamp_us"]), "created_at": views.ts(row["created_at_us"])}
 
 
-def settle_end_user(tx: Tx, ctx: Ctx, end_user_id: str | None) -> None:
-    """Write every grant and expiry entry that time has made due (one end user, or all)."""
+def settle_end_user(tx: Tx, ctx: Ctx, end_user_id: str | None, limit: int = 10_000) -> int:
+    """Write the grant, expiry and reservation-expiry entries that time has made due.
+
+    For one end user, or (``None``) for the whole environment, at most ``limit`` balances.
+    Returns how many balances were settled.
+    """
     features = Features(tx, ctx.env_id)
-    seen: set[tuple[str, str]] = set()
-    for block in tx.due_blocks(ctx.env_id, end_user_id, ctx.now_us):
-        pair = (block["end_user_id"], block["feature_key"])
-        if pair not in seen:
-            seen.add(pair)
-            Account(tx, ctx, pair[0], pair[1], features.precision(pair[1]))
+    # Lock end users in one fixed order, so that two sweeps never wait on each other in a cycle.
+    due = sorted(tx.due_accounts(ctx.env_id, ctx.now_us, limit, end_user_id),
+                 key=lambda r: (r["end_user_id"], r["feature_key"]))
+    for row in due:
+        tx.lock_end_user(ctx.env_id, row["end_user_id"], ctx.now_us)
+        Account(tx, ctx, row["end_user_id"], row["feature_key"], features.precision(row["feature_key"]))
+    return len(due)

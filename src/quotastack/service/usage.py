@@ -40,12 +40,17 @@ def plan_terms(tx: Tx, variant_id: str | None, feature: Feature) -> tuple[Row | 
     return own, pool
 
 
-def record_usage(tx: Tx, ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
-    features = Features(tx, ctx.env_id)
-    feature = features.require(data["feature_key"])
+def metered(features: Features, key: str) -> Feature:
+    feature = features.require(key)
     if feature.type != "metered":
         raise InvalidRequest(f"{feature.key} is a boolean feature: usage is recorded for metered ones",
                              "feature_key")
+    return feature
+
+
+def record_usage(tx: Tx, ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
+    features = Features(tx, ctx.env_id)
+    feature = metered(features, data["feature_key"])
     units = to_minor(data["units"], feature.precision, "units")
     charged, amount = cost(features, feature, units)
     timestamp_us = ctx.now_us

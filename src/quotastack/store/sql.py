@@ -129,28 +129,67 @@ class SqlTx:
             {"e": env_id, "u": end_user_id, "f": feature_key},
         )
 
-    def due_blocks(self, env_id: int, end_user_id: str | None, now_us: int) -> list[Row]:
-        """Blocks whose grant or expiry is due but has no ledger entry yet, oldest first."""
-        params: dict[str, Any] = {"e": env_id, "n": now_us}
-        user = ""
-        if end_user_id is not None:
-            user = " AND end_user_id = :u"
-            params["u"] = end_user_id
-        return self.all(
-            "SELECT * FROM blocks WHERE env_id = :e AND ("
-            "(status = 'scheduled' AND effective_at_us <= :n) OR "
-            f"(status IN ('active', 'scheduled') AND expires_at_us <= :n)){user} ORDER BY seq",
-            params,
-        )
-
     def spendable(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> int:
-        value = self.scalar(
+        """Usable blocks' remaining, plus what expired reservations hand back to usable blocks."""
+        params = {"e": env_id, "u": end_user_id, "f": feature_key, "t": at_us}
+        free = self.scalar(
             "SELECT COALESCE(SUM(remaining), 0) FROM blocks WHERE env_id = :e AND end_user_id = :u "
             "AND feature_key = :f AND status IN ('active', 'scheduled') AND effective_at_us <= :t "
-            "AND (expires_at_us IS NULL OR expires_at_us > :t)",
-            {"e": env_id, "u": end_user_id, "f": feature_key, "t": at_us},
-        )
-        return int(value)
+            "AND (expires_at_us IS NULL OR expires_at_us > :t)", params)
+        returning = self.scalar(
+            "SELECT COALESCE(SUM(h.amount), 0) FROM reservations r "
+            "JOIN reservation_holds h ON h.reservation_id = r.id JOIN blocks b ON b.id = h.block_id "
+            "WHERE r.env_id = :e AND r.end_user_id = :u AND r.charged_feature_key = :f "
+            "AND r.status = 'held' AND r.expires_at_us <= :t AND b.status IN ('active', 'scheduled') "
+            "AND b.effective_at_us <= :t AND (b.expires_at_us IS NULL OR b.expires_at_us > :t)", params)
+        return int(free) + int(returning)
+
+    def reserved_total(self, env_id: int, end_user_id: str, feature_key: str) -> int:
+        """What held reservations hold (including any whose expiry is not settled yet)."""
+        return int(self.scalar(
+            "SELECT COALESCE(SUM(h.amount), 0) FROM reservations r "
+            "JOIN reservation_holds h ON h.reservation_id = r.id WHERE r.env_id = :e "
+            "AND r.end_user_id = :u AND r.charged_feature_key = :f AND r.status = 'held'",
+            {"e": env_id, "u": end_user_id, "f": feature_key}))
+
+    def reserved_at(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> int:
+        """The reserved total at a past instant, from the ledger."""
+        return int(self.scalar(
+            "SELECT COALESCE(SUM(CASE WHEN type = 'reserve' THEN amount ELSE -amount END), 0) "
+            "FROM ledger_entries WHERE env_id = :e AND end_user_id = :u AND feature_key = :f "
+            "AND type IN ('reserve', 'commit', 'release') AND created_at_us <= :t",
+            {"e": env_id, "u": end_user_id, "f": feature_key, "t": at_us}))
+
+    def due_reservations(self, env_id: int, end_user_id: str, feature_key: str, now_us: int) -> list[Row]:
+        return self.all(
+            "SELECT * FROM reservations WHERE env_id = :e AND end_user_id = :u "
+            "AND charged_feature_key = :f AND status = 'held' AND expires_at_us <= :n ORDER BY seq",
+            {"e": env_id, "u": end_user_id, "f": feature_key, "n": now_us})
+
+    def holds_of(self, reservation_id: str) -> list[Row]:
+        return self.all("SELECT * FROM reservation_holds WHERE reservation_id = :r ORDER BY seq",
+                        {"r": reservation_id})
+
+    def due_accounts(self, env_id: int, now_us: int, limit: int, end_user_id: str | None = None) -> list[Row]:
+        """(end user, feature) pairs with a grant, expiry or reservation expiry not yet written."""
+        user = "" if end_user_id is None else " AND end_user_id = :u"
+        return self.all(
+            "SELECT end_user_id, feature_key FROM blocks WHERE env_id = :e AND ("
+            "(status = 'scheduled' AND effective_at_us <= :n) OR "
+            f"(status IN ('active', 'scheduled') AND expires_at_us <= :n)){user} "
+            "UNION SELECT end_user_id, charged_feature_key FROM reservations WHERE env_id = :e "
+            f"AND status = 'held' AND expires_at_us <= :n{user} LIMIT :l",
+            {"e": env_id, "n": now_us, "l": limit, "u": end_user_id})
+
+    def charges(self, env_id: int, column: str, object_id: str) -> list[Row]:
+        """The use, commit and refund entries of one usage or reservation, in order."""
+        assert column in ("usage_id", "reservation_id")
+        return self.all(
+            f"SELECT * FROM ledger_entries WHERE env_id = :e AND {column} = :i "
+            "AND type IN ('use', 'commit', 'refund') ORDER BY seq", {"e": env_id, "i": object_id})
+
+    def environments(self) -> list[Row]:
+        return self.all("SELECT * FROM environments ORDER BY id")
 
     def balances_at(self, env_id: int, end_user_id: str, at_us: int) -> list[Row]:
         """Per block usable at ``at_us``: what the ledger says it held at that instant."""
