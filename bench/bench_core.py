@@ -277,6 +277,57 @@ def percentile(hist: dict[int, int], p: float) -> int:
     return max(hist)
 
 
+def summary_ms(hist: dict[int, int]) -> dict[str, float]:
+    """p50/p90/p99/p99.9/max/mean in ms of a {µs: count} histogram."""
+    n = sum(hist.values())
+    return {"p50": percentile(hist, 50) / 1000, "p90": percentile(hist, 90) / 1000,
+            "p99": percentile(hist, 99) / 1000, "p999": percentile(hist, 99.9) / 1000,
+            "max": (max(hist) / 1000) if hist else 0.0,
+            "mean": round(sum(k * v for k, v in hist.items()) / n / 1000, 4) if n else 0.0}
+
+
+def cpu_ticks() -> dict[int, tuple[int, int, int]]:
+    """Per CPU: (total, steal, busy) ticks from /proc/stat; busy = user+nice+system+irq+softirq."""
+    out = {}
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("cpu") and line[3:4].isdigit():
+                name, *vals = line.split()
+                nums = [int(v) for v in vals] + [0] * 8
+                out[int(name[3:])] = (sum(nums[:8]), nums[7], nums[0] + nums[1] + nums[2] + nums[5] + nums[6])
+    except OSError:
+        pass
+    return out
+
+
+def busy_seconds(before: dict[int, tuple[int, int, int]], after: dict[int, tuple[int, int, int]]) -> float:
+    return sum(after[c][2] - before[c][2] for c in after if c in before) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait: float, threshold_pct: float = 15.0) -> float:
+    """Wait (at most ``max_wait`` s) until other processes use < threshold % of one CPU; return that %."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        t0, a = time.monotonic(), cpu_ticks()
+        time.sleep(1.0)
+        busy = busy_seconds(a, cpu_ticks()) / (time.monotonic() - t0) * 100
+        if busy < threshold_pct or time.monotonic() >= deadline:
+            if busy >= threshold_pct:
+                print(f"  WARNING: other processes keep {busy:.0f} % of a CPU busy: figures will be noisy",
+                      flush=True)
+            return round(busy, 1)
+        print(f"  machine busy ({busy:.0f} % of a CPU used by other processes): waiting", flush=True)
+        time.sleep(4.0)
+
+
+def steal_pct(before: dict[int, tuple[int, int, int]], after: dict[int, tuple[int, int, int]],
+              cpu: int | None) -> float | None:
+    cpus = [cpu] if cpu is not None else list(after)
+    total = sum(after[c][0] - before[c][0] for c in cpus if c in before and c in after)
+    steal = sum(after[c][1] - before[c][1] for c in cpus if c in before and c in after)
+    return round(100 * steal / total, 1) if total else None
+
+
 class LoadGen:
     def __init__(self, choice: str, pin: Pinning) -> None:
         self.wrk = shutil.which("wrk") if choice in ("auto", "wrk") else None
@@ -304,6 +355,7 @@ class LoadGen:
         cmd = self.pin.wrap(cmd, self.pin.client_cpu)
         before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         server_cpu0 = server.cpu_seconds()
+        ticks0 = cpu_ticks()
         t0 = time.monotonic()
         proc = PROCS.start(cmd, stdout=subprocess.PIPE)
         try:
@@ -314,6 +366,7 @@ class LoadGen:
         PROCS.stop(proc)  # already exited: just forgets it
         wall = time.monotonic() - t0
         server_cpu = server.cpu_seconds() - server_cpu0
+        ticks1 = cpu_ticks()
         after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_cpu = (after_children.ru_utime - before_children.ru_utime) + (after_children.ru_stime - before_children.ru_stime)
         text = out.decode(errors="replace")
@@ -322,6 +375,7 @@ class LoadGen:
             raise RuntimeError(f"load generator failed ({proc.returncode}): {text[-2000:]}")
         raw = json.loads(line[len("QSBENCH "):])
         st = {int(k): int(v) for k, v in raw["st_hist_us"]}
+        lat = {int(k): int(v) for k, v in raw["lat_hist_us"]}
         ok = sum(v for k, v in raw["statuses"].items() if 200 <= int(k) < 300)
         completed = raw["completed"]
         window = raw["window_s"] or wall
@@ -330,14 +384,18 @@ class LoadGen:
             "non_2xx": completed - ok, "statuses": raw["statuses"],
             "socket_errors": {k: v for k, v in raw["errors"].items() if k != "status" and v},
             "seconds": round(window, 3), "rps": round(completed / window, 1) if window else 0.0,
-            "latency_ms": {k: round(v / 1000, 3) for k, v in raw["latency_us"].items()},
-            "server_timing_ms": {"p50": percentile(st, 50) / 1000, "p90": percentile(st, 90) / 1000,
-                                 "p99": percentile(st, 99) / 1000, "p999": percentile(st, 99.9) / 1000,
-                                 "max": (max(st) / 1000) if st else 0.0,
-                                 "mean": round(sum(k * v for k, v in st.items()) / max(1, sum(st.values())) / 1000, 4)},
+            "latency_ms": summary_ms(lat),
+            "server_timing_ms": summary_ms(st),
+            "latency_samples": sum(lat.values()), "unpaired": raw.get("unpaired", 0),
             "no_server_timing": raw["no_server_timing"],
+            "wrk_own_latency_ms": {k: round(v / 1000, 3) for k, v in raw["wrk_latency_us"].items()}
+            if "wrk_latency_us" in raw else None,
             "server_cpu_pct": round(100 * server_cpu / wall, 1),
             "client_cpu_pct": round(100 * client_cpu / wall, 1),
+            "steal_pct_server_cpu": steal_pct(ticks0, ticks1, self.pin.server_cpu),
+            "steal_pct_client_cpu": steal_pct(ticks0, ticks1, self.pin.client_cpu),
+            # CPU used by processes other than this server and load generator, in % of one CPU.
+            "other_cpu_pct": round(100 * max(0.0, busy_seconds(ticks0, ticks1) - server_cpu - client_cpu) / wall, 1),
         }
 
 
@@ -362,6 +420,8 @@ def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[s
             load: LoadGen, workdir: Path) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for which in ("big", "small", "ceiling"):
+        if cfg.max_wait_quiet > 0:
+            wait_for_quiet(cfg.max_wait_quiet)
         if which == "ceiling":
             server, meta = Server("ceiling", pin, workdir), {"users": 1, "api_key": "x", "feature_key": "x"}
         else:
@@ -382,7 +442,9 @@ def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[s
                 print(f"  run {run}  {sid:16} {r['rps']:9,.0f} req/s  lat p50/p99 {r['latency_ms']['p50']:.3f}/"
                       f"{r['latency_ms']['p99']:.3f} ms  Server-Timing p50/p99 {r['server_timing_ms']['p50']:.3f}/"
                       f"{r['server_timing_ms']['p99']:.3f} ms  cpu srv/cli {r['server_cpu_pct']:.0f}/"
-                      f"{r['client_cpu_pct']:.0f} %" + (f"  non-2xx {r['non_2xx']}" if r["non_2xx"] else ""),
+                      f"{r['client_cpu_pct']:.0f} %  other {r['other_cpu_pct']:.0f} %  steal {r['steal_pct_server_cpu']}/"
+                      f"{r['steal_pct_client_cpu']} %"
+                      + (f"  non-2xx {r['non_2xx']}" if r["non_2xx"] else ""),
                       flush=True)
         finally:
             server.stop()
@@ -404,6 +466,8 @@ def median_of(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]
             "server_timing_ms": {p: med(lambda r, p=p: r["server_timing_ms"][p]) for p in ("p50", "p99")},
             "server_cpu_pct": med(lambda r: r["server_cpu_pct"]),
             "client_cpu_pct": med(lambda r: r["client_cpu_pct"]),
+            "steal_pct_server_cpu": med(lambda r: r["steal_pct_server_cpu"] or 0),
+            "other_cpu_pct": med(lambda r: r["other_cpu_pct"]),
             "non_2xx": sum(r["non_2xx"] for r in rs),
             "requests": sum(r["requests"] for r in rs),
             "runs": len(rs),
@@ -442,7 +506,7 @@ def print_table(med: dict[str, dict[str, Any]], rat: dict[str, Any], sizes: dict
     print(f"Figures ({'median of ' + str(nruns) + ' runs' if nruns > 1 else '1 run'}); latency = client-side, "
           "Server-Timing = app;dur")
     hdr = (f"{'scenario':40} {'clients':>7} {'req/s':>9} {'lat p50':>9} {'lat p99':>9} {'ST p50':>8} "
-           f"{'ST p99':>8} {'srv cpu':>7} {'cli cpu':>7} {'non-2xx':>7}")
+           f"{'ST p99':>8} {'srv cpu':>7} {'cli cpu':>7} {'other':>6} {'steal':>6} {'non-2xx':>7}")
     print(hdr)
     print("-" * len(hdr))
     for sid, label, srv, _mode, clients in SCENARIOS:
@@ -452,8 +516,11 @@ def print_table(med: dict[str, dict[str, Any]], rat: dict[str, Any], sizes: dict
         full = f"{label} ({names[srv]})" if srv in names else label
         print(f"{full:40} {clients:>7} {m['rps']:>9,.0f} {m['latency_ms']['p50']:>9.3f} {m['latency_ms']['p99']:>9.3f} "
               f"{m['server_timing_ms']['p50']:>8.3f} {m['server_timing_ms']['p99']:>8.3f} "
-              f"{m['server_cpu_pct']:>6.0f}% {m['client_cpu_pct']:>6.0f}% {m['non_2xx']:>7}")
-    print("(times in ms)")
+              f"{m['server_cpu_pct']:>6.0f}% {m['client_cpu_pct']:>6.0f}% {m['other_cpu_pct']:>5.0f}% "
+              f"{m['steal_pct_server_cpu']:>5.0f}% "
+              f"{m['non_2xx']:>7}")
+    print("(times in ms; srv/cli cpu = CPU time of the server / load generator over the run's wall time; "
+          "other = CPU used by\n other processes on the machine, in % of one CPU; steal = hypervisor steal on the server's CPU)")
     print()
     ok = lambda b: "MET" if b else "MISSED"  # noqa: E731
     print("Targets")
@@ -499,6 +566,8 @@ def main() -> int:
     p.add_argument("--warmup", type=float, help="seconds of warm-up per server (default 3; quick 1)")
     p.add_argument("--max-requests", type=int, default=2_000_000, help="hard cap per measurement")
     p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
+    p.add_argument("--max-wait-quiet", type=float, default=60.0,
+                   help="before each server, wait up to N s for other processes to go quiet (0: never)")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and client to separate CPUs")
     p.add_argument("--rebuild-cache", action="store_true", help="reseed even if bench/.cache has the DBs")
     p.add_argument("--out", type=Path, help="result JSON path (default bench/results/<timestamp>.json)")

@@ -3,7 +3,9 @@
 uvicorn, one worker, uvloop + httptools (what ``loop="auto"``/``http="auto"`` resolve to when both
 are installed, as they are in the venv), no access log, no lifespan. It answers every request with
 a constant JSON body the size of a typical check response, plus the ``request-id`` and
-``server-timing`` headers the service sends, so the client does the same work per response.
+``server-timing`` headers the service sends, so the client does the same work per response, and
+an ``x-echo`` header with the query string (the load generator pairs responses with requests by
+the end user id they name).
 
     python bench/ceiling_app.py --host 127.0.0.1 --port 8001
 """
@@ -26,7 +28,8 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
     timing = f"app;dur={(time.perf_counter_ns() - start) / 1e6:.3f}".encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", LENGTH),
-                            (b"request-id", RID), (b"server-timing", timing)]})
+                            (b"request-id", RID), (b"server-timing", timing),
+                            (b"x-echo", scope["query_string"])]})
     await send({"type": "http.response.body", "body": BODY})
 
 

@@ -1,5 +1,13 @@
 -- wrk script for bench_core.py: rotates requests over random seeded end users, records each
--- response's Server-Timing (1 µs histogram) and status, and stops itself after max_requests.
+-- response's Server-Timing and client-side latency (1 µs histograms) and status, and stops itself
+-- after max_requests.
+--
+-- Client latency is measured here, not taken from wrk's own latency statistics: on this machine
+-- the Debian wrk 4.1.0 summary reports latencies whose sum exceeds the run's wall time with one
+-- connection (impossible), at high request rates. Here a request's clock starts in request(),
+-- just before wrk writes it, and stops in response(); the response is paired with its request by
+-- the end user id it names (the body's "end_user_id" for check and usage, the ceiling's
+-- x-echo header), first sent first answered for the same id.
 --
 --   wrk -t1 -cC -dDs -s bench/load.lua http://127.0.0.1:PORT -- MODE USERS MAX_REQUESTS KEY FEATURE SEED
 --
@@ -19,6 +27,8 @@ end
 
 -- Globals, so that done() can read them from each thread with thread:get().
 st_hist = {}      -- Server-Timing in whole µs -> count
+lat_hist = {}     -- client latency in whole µs -> count
+unpaired = 0
 statuses = {}     -- HTTP status -> count
 completed = 0
 no_timing = 0
@@ -26,6 +36,7 @@ t_first = 0
 t_last = 0
 
 local mode, users, max_requests, feature, headers
+local inflight = {}  -- end user id -> FIFO of send times
 local fmt = string.format
 local rand = math.random
 
@@ -42,21 +53,39 @@ function init(args)
 end
 
 function request()
-  if t_first == 0 then t_first = now() end
+  local t = now()
+  if t_first == 0 then t_first = t end
   local user = fmt("user_%06d", rand(0, users - 1))
+  local q = inflight[user]
+  if q then q[#q + 1] = t else inflight[user] = {t} end
   if mode == "check" then
     return wrk.format("GET", "/v1/entitlements/check?end_user_id=" .. user .. "&feature_key=" .. feature, headers)
   elseif mode == "usage" then
     return wrk.format("POST", "/v1/usage", headers,
       '{"end_user_id":"' .. user .. '","feature_key":"' .. feature .. '","units":1}')
   else
-    return wrk.format("GET", "/", headers)
+    return wrk.format("GET", "/?end_user_id=" .. user, headers)
   end
 end
 
 function response(status, hdrs, body)
+  local t = now()
   completed = completed + 1
-  t_last = now()
+  t_last = t
+  local user
+  if mode == "ceiling" then
+    user = string.match(hdrs["x-echo"] or "", "user_%d+")
+  else
+    user = string.match(body, '"end_user_id":"(user_%d+)"')
+  end
+  local q = user and inflight[user]
+  if q then
+    local lat = math.floor((t - table.remove(q, 1)) * 1e6 + 0.5)
+    lat_hist[lat] = (lat_hist[lat] or 0) + 1
+    if #q == 0 then inflight[user] = nil end
+  else
+    unpaired = unpaired + 1
+  end
   statuses[status] = (statuses[status] or 0) + 1
   local st = hdrs["server-timing"] or hdrs["Server-Timing"]
   local dur = st and tonumber(string.match(st, "dur=([%d%.]+)"))
@@ -77,10 +106,12 @@ function setup(thread)
 end
 
 function done(summary, latency, requests)
-  local hist, stat = {}, {}
-  local n, first, last, missing = 0, nil, 0, 0
+  local hist, lhist, stat = {}, {}, {}
+  local n, first, last, missing, nopair = 0, nil, 0, 0, 0
   for _, t in ipairs(threads) do
     for k, v in pairs(t:get("st_hist")) do hist[k] = (hist[k] or 0) + v end
+    for k, v in pairs(t:get("lat_hist")) do lhist[k] = (lhist[k] or 0) + v end
+    nopair = nopair + t:get("unpaired")
     for k, v in pairs(t:get("statuses")) do stat[k] = (stat[k] or 0) + v end
     n = n + t:get("completed")
     missing = missing + t:get("no_timing")
@@ -90,16 +121,18 @@ function done(summary, latency, requests)
   end
   local parts = {}
   for k, v in pairs(hist) do table.insert(parts, fmt("[%d,%d]", k, v)) end
+  local lparts = {}
+  for k, v in pairs(lhist) do table.insert(lparts, fmt("[%d,%d]", k, v)) end
   local sparts = {}
   for k, v in pairs(stat) do table.insert(sparts, fmt('"%d":%d', k, v)) end
   local e = summary.errors
   io.write(fmt('QSBENCH {"completed":%d,"window_s":%.6f,"wrk_requests":%d,"wrk_duration_us":%d,' ..
-    '"latency_us":{"p50":%d,"p90":%d,"p99":%d,"p999":%d,"max":%d,"mean":%.1f},' ..
+    '"wrk_latency_us":{"p50":%d,"p90":%d,"p99":%d,"p999":%d,"max":%d,"mean":%.1f},' ..
     '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-    '"no_server_timing":%d,"statuses":{%s},"st_hist_us":[%s]}\n',
+    '"no_server_timing":%d,"unpaired":%d,"statuses":{%s},"st_hist_us":[%s],"lat_hist_us":[%s]}\n',
     n, (first and last > first) and (last - first) or 0, summary.requests, summary.duration,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
     latency.max, latency.mean,
     e.connect, e.read, e.write, e.status, e.timeout,
-    missing, table.concat(sparts, ","), table.concat(parts, ",")))
+    missing, nopair, table.concat(sparts, ","), table.concat(parts, ","), table.concat(lparts, ",")))
 end

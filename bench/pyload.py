@@ -21,20 +21,6 @@ _DUR = re.compile(rb"server-timing:[^\r\n]*dur=([0-9.]+)", re.IGNORECASE)
 _LEN = re.compile(rb"content-length:\s*(\d+)", re.IGNORECASE)
 
 
-def percentile(hist: dict[int, int], p: float) -> int:
-    """Nearest-rank percentile of a {value: count} histogram."""
-    total = sum(hist.values())
-    if not total:
-        return 0
-    rank = max(1, -(-int(total * p * 1000) // 100_000))  # ceil(total * p / 100)
-    seen = 0
-    for value in sorted(hist):
-        seen += hist[value]
-        if seen >= rank:
-            return value
-    return max(hist)
-
-
 async def client(args: argparse.Namespace, deadline: float, state: dict, rng: random.Random) -> None:
     reader, writer = await asyncio.open_connection(args.host, args.port)
     host = f"{args.host}:{args.port}"
@@ -85,17 +71,12 @@ async def main_async(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     await asyncio.gather(*(client(args, deadline, state, random.Random(rng.random()))
                            for _ in range(args.connections)))
-    lat = state["lat"]
-    n = sum(lat.values())
     out = {
         "completed": state["completed"],
         "window_s": (state["t_last"] - state["t_first"]) / 1e9,
-        "latency_us": {"p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
-                       "p999": percentile(lat, 99.9), "max": max(lat) if lat else 0,
-                       "mean": sum(k * v for k, v in lat.items()) / n if n else 0},
         "errors": {"connect": 0, "read": state["errors"], "write": 0, "status": 0, "timeout": 0},
-        "no_server_timing": state["no_timing"], "statuses": state["statuses"],
-        "st_hist_us": sorted(state["st"].items()),
+        "no_server_timing": state["no_timing"], "unpaired": 0, "statuses": state["statuses"],
+        "st_hist_us": sorted(state["st"].items()), "lat_hist_us": sorted(state["lat"].items()),
     }
     print("QSBENCH " + json.dumps(out), flush=True)
 

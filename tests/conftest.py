@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,11 @@ from quotastack.store import open_database
 OPERATOR_KEY = "test-operator"
 REQUEST_ID = re.compile(r"^req_[0-9a-f]{20}$")
 SERVER_TIMING = re.compile(r"^app;dur=\d+\.\d{3}$")
-# How each ledger entry type moves balance + reserved (API.md §8): commit only moves reserved
-# credits out of the reservation, which the reserve entry has already taken from the balance.
-SIGN = {"grant": 1, "refund": 1, "rollover": 1, "release": 1,
-        "use": -1, "expire": -1, "void": -1, "reserve": -1, "commit": 0}
+# How each ledger entry type moves (balance, reserved), API.md §8: a reserve takes credits from the
+# balance into the reserved total, a release gives them back, a commit charges them out of it.
+EFFECTS = {"grant": (1, 0), "refund": (1, 0), "rollover": (1, 0),
+           "use": (-1, 0), "expire": (-1, 0), "void": (-1, 0),
+           "reserve": (-1, 1), "release": (1, -1), "commit": (0, -1)}
 
 
 @dataclass
@@ -207,11 +209,18 @@ def balance_of(api: Api, end_user_id: str, feature_key: str) -> tuple[Decimal, D
 
 
 def assert_conserved(api: Api, end_user_id: str, feature_key: str) -> Decimal:
-    """The ledger adds up to balance + reserved (API.md §8); returns the balance."""
-    total = sum((SIGN[e["type"]] * Decimal(e["amount"])
-                 for e in ledger(api, end_user_id=end_user_id, feature_key=feature_key)), Decimal(0))
+    """The ledger adds up to the balance and to the reserved total (API.md §8); returns the balance.
+
+    Summed over both columns this is the identity grants + refunds + rollovers − uses − expiries −
+    voids − commits = balance + reserved.
+    """
+    entries = ledger(api, end_user_id=end_user_id, feature_key=feature_key)
+    balance_sum = sum((EFFECTS[e["type"]][0] * Decimal(e["amount"]) for e in entries), Decimal(0))
+    reserved_sum = sum((EFFECTS[e["type"]][1] * Decimal(e["amount"]) for e in entries), Decimal(0))
     balance, reserved = balance_of(api, end_user_id, feature_key)
-    assert total == balance + reserved, (total, balance, reserved)
+    assert (balance_sum, reserved_sum) == (balance, reserved), (balance_sum, reserved_sum, balance, reserved)
+    if entries:  # the newest entry's running totals agree
+        assert (entries[0]["balance_after"], entries[0]["reserved_after"]) == (balance, reserved), entries[0]
     return balance
 
 
@@ -245,3 +254,19 @@ def grant(api: Api, end_user_id: str, feature_key: str, amount: Any, **fields: A
 def use(api: Api, end_user_id: str, feature_key: str, units: Any, **kwargs: Any) -> Reply:
     return api.post("/v1/usage", {"end_user_id": end_user_id, "feature_key": feature_key, "units": units},
                     **kwargs)
+
+
+# ---- instants ----------------------------------------------------------------------------------------------
+
+def rfc3339(moment: datetime) -> str:
+    """As the API writes instants: fractional seconds only when there are some, no trailing zeros."""
+    fraction = f".{moment.microsecond:06d}".rstrip("0") if moment.microsecond else ""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + fraction + "Z"
+
+
+def instant(timestamp: str) -> datetime:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+
+
+def shifted(timestamp: str, **delta: float) -> str:
+    return rfc3339(instant(timestamp) + timedelta(**delta))

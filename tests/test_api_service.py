@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .conftest import OPERATOR_KEY, REQUEST_ID, Api, Server, Tenant, assert_error
+from .conftest import OPERATOR_KEY, REQUEST_ID, Api, Server, Tenant, assert_error, feature
 
 
 def test_healthz_answers_ok_without_a_key(anonymous: Api) -> None:
@@ -80,6 +80,7 @@ def test_the_fast_path_check_carries_the_headers_on_errors_too(api: Api, anonymo
     # reply_of checks Request-Id and Server-Timing on every reply; these are the check's error paths.
     assert_error(anonymous.get("/v1/entitlements/check", end_user_id="u1", feature_key="x"), 401, "unauthenticated")
     assert_error(api.get("/v1/entitlements/check", feature_key="x"), 400, "invalid_request", "end_user_id")
+    feature(api, "x")
     assert_error(api.get("/v1/entitlements/check", end_user_id="u1", feature_key="x", units="-1"),
                  400, "invalid_amount", "units")
 

@@ -11,7 +11,8 @@ What it does, step by step (each step prints what it did):
    one LLM request by one of ``--users`` end users; the integration checks the entitlement first
    and, if allowed, records the tokens used (with an Idempotency-Key per row).
 5. Prints what happened, then verifies the ledger: for every end user, the sum of its ledger
-   entries equals its balance plus what is reserved. The exit code is 0 only if that holds for all.
+   entries equals its balance plus what is reserved. The exit code is 0 only if that holds for all
+   (and every balance is what the demo itself expects, and no call failed).
 
 Only the public HTTP API is used, so this file doubles as an example integration.
 """
@@ -389,6 +390,8 @@ def ledger_total(client: httpx.Client, end_user_id: str) -> tuple[Decimal, int]:
             params["starting_after"] = cursor
         page = expect(client.get("/v1/ledger", params=params), 200)
         for entry in page["data"]:
+            if entry["type"] not in LEDGER_SIGN:
+                raise DemoError(f"unknown ledger entry type {entry['type']!r} in {entry['id']}")
             total += LEDGER_SIGN[entry["type"]] * Decimal(entry["amount"])
             count += 1
         if not page["has_more"]:
@@ -422,7 +425,7 @@ def audit(client: httpx.Client, end_users: list[str], allowance: int, used: dict
     return result
 
 
-def print_results(stats: Stats, seconds: float, end_users: list[str], allowance: int, checked: Audit) -> None:
+def print_results(stats: Stats, seconds: float, end_users: list[str], checked: Audit) -> None:
     print(f"   events sent     {number(stats.sent):>10}")
     print(f"   accepted        {number(stats.accepted):>10}   ({number(stats.tokens_used)} tokens recorded)")
     print(f"   refused         {number(stats.refused):>10}   ({number(stats.refused_by_check)} by the check, "
@@ -435,7 +438,7 @@ def print_results(stats: Stats, seconds: float, end_users: list[str], allowance:
     print(f"   end users refused at least once: {len(stats.refused_users)} of {len(end_users)}")
     print()
     print("   a few final balances (GET /v1/balances/{end_user_id}):")
-    for end_user_id in [SEED_USER, *end_users[:3], *end_users[-2:]]:
+    for end_user_id in dict.fromkeys([SEED_USER, *end_users[:3], *end_users[-2:]]):
         balance, reserved = checked.balances[end_user_id]
         print(f"     {end_user_id:<16} balance {number(balance):>9}   reserved {number(reserved)}")
     print()
@@ -477,6 +480,13 @@ def heading(number_: int, text: str) -> None:
     print(f"\n{number_}. {text}", flush=True)
 
 
+def stop_on_sigterm(signum: int, frame: Any) -> None:
+    """`kill` stops the demo the way Ctrl-C does (asyncio then cancels the replay cleanly)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. started with `&` from a script
+        raise KeyboardInterrupt
+    signal.raise_signal(signal.SIGINT)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     path = trace_path(args)
     if not path.is_file():
@@ -494,7 +504,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"trace: {path} ({number(len(rows))} requests, {rows[0].timestamp} .. {rows[-1].timestamp})")
 
     # `kill` (SIGTERM) must also stop the server we start, like Ctrl-C does.
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="quotastack-demo-") as workdir:
         operator_key = "qs_operator_" + secrets.token_urlsafe(24)
         server = start_server(Path(workdir), args.database, operator_key)
@@ -511,13 +521,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return 130
         finally:
             stop_server(server)
-
-
-def stop_on_sigterm(signum: int, frame: Any) -> None:
-    """`kill` stops the demo the way Ctrl-C does (asyncio then cancels the replay cleanly)."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. started with `&` from a script
-        raise KeyboardInterrupt
-    signal.raise_signal(signal.SIGINT)
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def run_against(server: Server, operator_key: str, rows: list[Row], args: argparse.Namespace) -> int:
@@ -553,7 +557,7 @@ def run_against(server: Server, operator_key: str, rows: list[Row], args: argpar
         used = dict(stats.used_by_user)
         used[SEED_USER] = 1  # the seed's usage call
         checked = audit(client, [SEED_USER, *end_users], allowance, used)
-        print_results(stats, seconds, end_users, allowance, checked)
+        print_results(stats, seconds, end_users, checked)
 
         heading(6, "Conservation check (GET /v1/ledger, summed per end user)")
         print_audit(checked)

@@ -143,7 +143,9 @@ class Mutations:
         with self.claim(ctx, key), self.db.transaction() as tx:
             outcome = self.once(tx, ctx, key, print_, work, status)
             if not outcome.replayed and outcome.status < 300:
-                audit(tx, ctx, method, path, object_ids + ids_in(outcome.result), outcome.status)
+                # The path's object and the result's id are often the same object: name it once.
+                ids = list(dict.fromkeys(object_ids + ids_in(outcome.result)))
+                audit(tx, ctx, method, path, ids, outcome.status)
         return outcome
 
 
