@@ -413,7 +413,8 @@ SCENARIOS = [  # (id, label, server, mode, clients)
 ]
 TARGET_ST_P99_MS = 0.5
 TARGET_CEILING_RATIO = 0.5
-TARGET_GROWTH_RATIO = 1.25  # "unchanged": within +25 % (p50 and p99 of Server-Timing)
+TARGET_GROWTH_RATIO = 1.25
+NOISY_PCT = 15.0  # a measurement during which other processes used more than this % of a CPU is "noisy"  # "unchanged": within +25 % (p50 and p99 of Server-Timing)
 
 
 def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[str, Any]]], pin: Pinning,
@@ -436,8 +437,18 @@ def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[s
             for sid, label, srv, mode, clients in SCENARIOS:
                 if srv != which:
                     continue
-                r = load.run(server, mode, clients, cfg.duration, meta["users"], meta["api_key"],
-                             meta["feature_key"], cfg.max_requests)
+                attempts: list[dict[str, Any]] = []
+                for attempt in range(cfg.noisy_retries + 1):
+                    attempts.append(load.run(server, mode, clients, cfg.duration, meta["users"], meta["api_key"],
+                                             meta["feature_key"], cfg.max_requests))
+                    if attempts[-1]["other_cpu_pct"] <= NOISY_PCT or attempt == cfg.noisy_retries:
+                        break
+                    print(f"  run {run}  {sid:16} noisy (other processes used {attempts[-1]['other_cpu_pct']:.0f} % "
+                          "of a CPU): measuring again", flush=True)
+                    wait_for_quiet(cfg.max_wait_quiet)
+                r = min(attempts, key=lambda a: a["other_cpu_pct"])
+                r["attempts"] = len(attempts)
+                r["noisy"] = r["other_cpu_pct"] > NOISY_PCT
                 results[sid] = r
                 print(f"  run {run}  {sid:16} {r['rps']:9,.0f} req/s  lat p50/p99 {r['latency_ms']['p50']:.3f}/"
                       f"{r['latency_ms']['p99']:.3f} ms  Server-Timing p50/p99 {r['server_timing_ms']['p50']:.3f}/"
@@ -469,6 +480,7 @@ def median_of(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]
             "steal_pct_server_cpu": med(lambda r: r["steal_pct_server_cpu"] or 0),
             "other_cpu_pct": med(lambda r: r["other_cpu_pct"]),
             "non_2xx": sum(r["non_2xx"] for r in rs),
+            "noisy_runs": sum(1 for r in rs if r.get("noisy")),
             "requests": sum(r["requests"] for r in rs),
             "runs": len(rs),
         }
@@ -518,11 +530,15 @@ def print_table(med: dict[str, dict[str, Any]], rat: dict[str, Any], sizes: dict
               f"{m['server_timing_ms']['p50']:>8.3f} {m['server_timing_ms']['p99']:>8.3f} "
               f"{m['server_cpu_pct']:>6.0f}% {m['client_cpu_pct']:>6.0f}% {m['other_cpu_pct']:>5.0f}% "
               f"{m['steal_pct_server_cpu']:>5.0f}% "
-              f"{m['non_2xx']:>7}")
+              f"{m['non_2xx']:>7}" + ("  noisy" if m["noisy_runs"] else ""))
     print("(times in ms; srv/cli cpu = CPU time of the server / load generator over the run's wall time; "
           "other = CPU used by\n other processes on the machine, in % of one CPU; steal = hypervisor steal on the server's CPU)")
     print()
     ok = lambda b: "MET" if b else "MISSED"  # noqa: E731
+    if any(m["noisy_runs"] for m in med.values()):
+        print("WARNING: rows marked 'noisy' were measured while other processes used more than "
+              f"{NOISY_PCT:.0f} % of a CPU; their figures understate the service. Rerun on a quiet machine.")
+        print()
     print("Targets")
     print(f"  check Server-Timing p99 < {TARGET_ST_P99_MS} ms (big ledger, worst of 1/64 clients): "
           f"{rat['check_st_p99_ms_worst']:.3f} ms  -> {ok(rat['check_st_p99_ok'])}")
@@ -566,8 +582,11 @@ def main() -> int:
     p.add_argument("--warmup", type=float, help="seconds of warm-up per server (default 3; quick 1)")
     p.add_argument("--max-requests", type=int, default=2_000_000, help="hard cap per measurement")
     p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
-    p.add_argument("--max-wait-quiet", type=float, default=60.0,
-                   help="before each server, wait up to N s for other processes to go quiet (0: never)")
+    p.add_argument("--max-wait-quiet", type=float,
+                   help="before each server, wait up to N s for other processes to go quiet (0: never; "
+                        "default 60, quick 10)")
+    p.add_argument("--noisy-retries", type=int,
+                   help="measure again, up to N times, when other processes were busy (default 2, quick 0)")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and client to separate CPUs")
     p.add_argument("--rebuild-cache", action="store_true", help="reseed even if bench/.cache has the DBs")
     p.add_argument("--out", type=Path, help="result JSON path (default bench/results/<timestamp>.json)")
@@ -575,6 +594,10 @@ def main() -> int:
     cfg.users = cfg.users or (10_000 if cfg.quick else 100_000)
     cfg.duration = cfg.duration or (2.0 if cfg.quick else 10.0)
     cfg.warmup = cfg.warmup or (1.0 if cfg.quick else 3.0)
+    if cfg.max_wait_quiet is None:
+        cfg.max_wait_quiet = 10.0 if cfg.quick else 60.0
+    if cfg.noisy_retries is None:
+        cfg.noisy_retries = 0 if cfg.quick else 2
     small_users = max(1, cfg.users // 10)
 
     if not (VENV_BIN / "quotastack").exists():
@@ -603,7 +626,7 @@ def main() -> int:
                "small": seeded_db(small_users, cfg.entries_per_user, pin, workdir, cfg.rebuild_cache)}
         for which, (path, meta) in dbs.items():
             print(f"  {which} DB: {meta['end_users']:,} end users, {meta['ledger_entries']:,} ledger entries, "
-                  f"{path.stat().st_size / 2**20:.0f} MiB ({'cached' if meta['cached'] else 'seeded'} in "
+                  f"{path.stat().st_size / 2**20:.0f} MiB ({'from the cache; ' if meta['cached'] else ''}seeded in "
                   f"{meta['seed_seconds']} s)", flush=True)
         runs = [one_run(i + 1, cfg, dbs, pin, load, workdir) for i in range(cfg.runs)]
     finally:
