@@ -107,7 +107,7 @@ def in_process(db_path: Path, meta: dict[str, Any], n: int, use_cprofile: bool) 
     pieces: dict[str, list[float]] = {k: [] for k in (
         "auth: sha256(key) + api_keys⋈environments SELECT", "auth: full context()",
         "check: db.reader() + entitlements.check()", "  features SELECT", "  live_subscription SELECT",
-        "  variant_entitlements SELECT", "  spendable SUM(blocks) SELECT", "JSON dumps of the result",
+        "  variant_entitlements SELECT", "  spendable: SUM(blocks) + expired-holds SELECTs", "JSON dumps of the result",
         "metrics.observe (prometheus)", "parse_qsl + request id")}
     from urllib.parse import parse_qsl
 
@@ -147,7 +147,7 @@ def in_process(db_path: Path, meta: dict[str, Any], n: int, use_cprofile: bool) 
         pieces["  features SELECT"].append((b - a) / 1000)
         pieces["  live_subscription SELECT"].append((c - b) / 1000)
         pieces["  variant_entitlements SELECT"].append((d - c) / 1000)
-        pieces["  spendable SUM(blocks) SELECT"].append((e - d) / 1000)
+        pieces["  spendable: SUM(blocks) + expired-holds SELECTs"].append((e - d) / 1000)
         a = t()
         dumps(result)
         b = t()
