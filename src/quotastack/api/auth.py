@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Iterable
+from functools import lru_cache
 
 from ..domain.errors import Forbidden, RateLimited, Unauthenticated
 from ..service import tenants
@@ -20,6 +21,11 @@ def bearer(header: str | None) -> str:
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthenticated("the Authorization header must be 'Bearer <key>'")
     return key.strip()
+
+
+@lru_cache(maxsize=1024)
+def _scopes(text: str) -> frozenset[str]:
+    return frozenset(loads(text))
 
 
 def now_us() -> int:
@@ -58,7 +64,7 @@ class Authenticator:
         key = bearer(header)
         with self.db.reader() as tx:
             principal = tenants.authenticate(tx, key)
-        held = frozenset(loads(principal["scopes"]))
+        held = _scopes(principal["scopes"])
         self.limiter.take(principal["id"])
         needed = tuple(scopes)
         if "admin" not in held and not any(s in held for s in needed):

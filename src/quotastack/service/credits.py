@@ -163,7 +163,7 @@ def balances(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str | None,
             reserved = account.reserved
         else:
             rows = [dict(r) for r in tx.balances_at(ctx.env_id, end_user_id, at_us) if r["feature_key"] == key]
-            reserved = 0
+            reserved = tx.reserved_at(ctx.env_id, end_user_id, key, at_us)
         rows = [r for r in rows if r["remaining"] > 0]
         balance = sum(r["remaining"] for r in rows)
         data.append({

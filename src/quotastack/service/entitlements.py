@@ -10,68 +10,72 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from ..domain.amounts import to_minor
+from decimal import Decimal
+from functools import lru_cache
+
+from ..domain.amounts import scale_round, to_minor
 from ..domain.periods import Duration
 from . import views
 from .codec import loads
 from .context import Ctx
-from .features import Features
-from .ports import Row, Tx
+from .ports import Tx
 from .subscriptions import window_of
-from .usage import cost, plan_terms
 
 NEEDS_SUBSCRIPTION: Final = object()
 
 
 def check(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, units: object = 1) -> Any:
-    features = Features(tx, ctx.env_id)
+    """Could ``end_user_id`` use ``units`` of ``feature_key`` now? Reads one snapshot row."""
     result: dict[str, Any] = {
         "allowed": False, "balance": None, "end_user_id": end_user_id, "feature_key": feature_key,
         "unlimited": False, "reason": None, "resets_at": None, "units": None,
     }
-    feature = features.find(feature_key)
-    if feature is None:
+    snap = tx.entitlement_snapshot(ctx.env_id, end_user_id, feature_key, ctx.now_us)
+    if snap is None:
         result["reason"] = "unknown_feature"
         return result
-    units_minor = to_minor(units, feature.precision, "units")
-    result["units"] = views.amount(units_minor, feature.precision)
-    sub = tx.live_subscription(ctx.env_id, end_user_id)
-    if sub is None and tx.default_variant(ctx.env_id) is not None:
+    precision = snap["f_precision"]
+    units_minor = to_minor(units, precision, "units")
+    result["units"] = views.amount(units_minor, precision)
+    if snap["needs_subscription"]:
         return NEEDS_SUBSCRIPTION
-    own, pool = plan_terms(tx, sub and sub["variant_id"], feature)
-    if feature.type == "boolean":
-        result["allowed"] = bool(own and own["enabled"])
-        result["reason"] = None if result["allowed"] else "feature_disabled" if own else "no_entitlement"
+    has_own, has_pool = snap["own_enabled"] is not None, snap["pool_enabled"] is not None
+    if snap["f_type"] == "boolean":
+        result["allowed"] = bool(has_own and snap["own_enabled"])
+        result["reason"] = None if result["allowed"] else "feature_disabled" if has_own else "no_entitlement"
         return result
-    if own is not None and not own["enabled"]:
+    if has_own and not snap["own_enabled"]:
         result["reason"] = "feature_disabled"
         return result
-    if (own and own["unlimited"]) or (pool and pool["unlimited"]):
+    if (has_own and snap["own_unlimited"]) or (has_pool and snap["pool_unlimited"]):
         result.update(allowed=True, unlimited=True)
         return result
-    charged, amount = cost(features, feature, units_minor)
-    terms = own if own is not None and own["amount"] is not None else pool or own
-    balance = tx.spendable(ctx.env_id, end_user_id, charged.key, ctx.now_us)
-    result["balance"] = views.amount(balance, charged.precision)
-    if charged is not feature:
-        result["credit_pool"] = charged.key
-        result["amount"] = views.amount(amount, charged.precision)
-    if terms is not None and sub is not None:
-        result["resets_at"] = _resets_at(sub, terms, ctx.now_us)
-    if balance >= amount or (terms is not None and terms["overage"] == "allow"):
+    amount, charged_precision = units_minor, precision
+    if snap["f_pool"] is not None:
+        charged_precision = snap["pool_precision"]
+        amount = scale_round(units_minor, precision, Decimal(snap["f_rate"]), charged_precision)
+        result["credit_pool"] = snap["f_pool"]
+        result["amount"] = views.amount(amount, charged_precision)
+    # The terms that govern the balance: the feature's own allowance, else its pool's.
+    side = "own" if has_own and snap["own_amount"] is not None else "pool" if has_pool else "own" if has_own else None
+    balance = int(snap["free"]) + int(snap["returned"])
+    result["balance"] = views.amount(balance, charged_precision)
+    if side is not None and snap["sub_id"] is not None and snap[f"{side}_amount"] is not None:
+        reset = _duration(snap[f"{side}_reset"])
+        result["resets_at"] = views.ts(window_of(snap, reset, ctx.now_us)[1])
+    allow_overage = side is not None and snap[f"{side}_overage"] == "allow"
+    if balance >= amount or allow_overage:
         result["allowed"] = True
         if balance < amount:
             result["overage"] = True
     else:
-        result["reason"] = "no_entitlement" if terms is None and balance == 0 else "insufficient_balance"
+        result["reason"] = "no_entitlement" if side is None and balance == 0 else "insufficient_balance"
     return result
 
 
-def _resets_at(sub: Row, terms: Row, now_us: int) -> str | None:
-    if terms["amount"] is None:
-        return None
-    reset = Duration.from_dict(loads(terms["reset"]))
-    return views.ts(window_of(sub, reset, now_us)[1])
+@lru_cache(maxsize=4096)
+def _duration(text: str | None) -> Duration | None:
+    return Duration.from_dict(loads(text))
 
 
 def entitlements(tx: Tx, ctx: Ctx, end_user_id: str) -> Any:

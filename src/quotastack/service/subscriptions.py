@@ -115,7 +115,7 @@ def window_of(sub: Row, reset: Duration | None, at_us: int) -> tuple[int, int]:
     if reset is None:
         return sub["current_period_start_us"], sub["current_period_end_us"]
     start, end = periods.window_containing(sub["anchor_us"], reset, at_us, periods.zone(sub["timezone"]))
-    if sub["status"] == "trialing" and sub["trial_end_us"] is not None:
+    if sub["trial_end_us"] is not None and start < sub["trial_end_us"]:
         end = min(end, sub["trial_end_us"])
     return start, end
 

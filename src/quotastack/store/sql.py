@@ -144,6 +144,42 @@ class SqlTx:
             "AND b.effective_at_us <= :t AND (b.expires_at_us IS NULL OR b.expires_at_us > :t)", params)
         return int(free) + int(returning)
 
+    def entitlement_snapshot(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> Row | None:
+        """Everything the entitlement check needs, in one statement (the hot path).
+
+        The feature and the pool it draws on, the end user's live subscription, the plan's terms
+        for the feature and for its pool, and the spendable balance of the charged feature at
+        ``at_us`` (usable blocks, plus what expired reservations hand back to usable blocks).
+        None when the feature does not exist.
+        """
+        return self.one(
+            "SELECT f.key AS f_key, f.type AS f_type, f.precision AS f_precision, f.credit_pool AS f_pool, "
+            "f.credits_per_unit AS f_rate, pf.precision AS pool_precision, "
+            "s.id AS sub_id, s.status AS sub_status, s.anchor_us, s.current_period_start_us, "
+            "s.current_period_end_us, s.trial_end_us, s.timezone, "
+            "CASE WHEN s.id IS NULL AND EXISTS (SELECT 1 FROM plans p JOIN plan_variants v ON v.plan_id = p.id "
+            "WHERE p.env_id = :e AND p.is_default = :yes) THEN 1 ELSE 0 END AS needs_subscription, "
+            "eo.enabled AS own_enabled, eo.unlimited AS own_unlimited, eo.amount AS own_amount, "
+            "eo.overage AS own_overage, eo.reset AS own_reset, "
+            "ep.enabled AS pool_enabled, ep.unlimited AS pool_unlimited, ep.amount AS pool_amount, "
+            "ep.overage AS pool_overage, ep.reset AS pool_reset, "
+            "(SELECT COALESCE(SUM(b.remaining), 0) FROM blocks b WHERE b.env_id = :e AND b.end_user_id = :u "
+            "AND b.feature_key = COALESCE(f.credit_pool, f.key) AND b.status IN ('active', 'scheduled') "
+            "AND b.effective_at_us <= :t AND (b.expires_at_us IS NULL OR b.expires_at_us > :t)) AS free, "
+            "(SELECT COALESCE(SUM(h.amount), 0) FROM reservations r "
+            "JOIN reservation_holds h ON h.reservation_id = r.id JOIN blocks b ON b.id = h.block_id "
+            "WHERE r.env_id = :e AND r.end_user_id = :u AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) "
+            "AND r.status = 'held' AND r.expires_at_us <= :t AND b.status IN ('active', 'scheduled') "
+            "AND b.effective_at_us <= :t AND (b.expires_at_us IS NULL OR b.expires_at_us > :t)) AS returned "
+            "FROM features f "
+            "LEFT JOIN features pf ON pf.env_id = f.env_id AND pf.key = f.credit_pool "
+            "LEFT JOIN subscriptions s ON s.env_id = f.env_id AND s.end_user_id = :u AND s.live = :yes "
+            "LEFT JOIN variant_entitlements eo ON eo.variant_id = s.variant_id AND eo.feature_key = f.key "
+            "LEFT JOIN variant_entitlements ep ON ep.variant_id = s.variant_id AND ep.feature_key = f.credit_pool "
+            "WHERE f.env_id = :e AND f.key = :k",
+            {"e": env_id, "u": end_user_id, "k": feature_key, "t": at_us, "yes": True},
+        )
+
     def reserved_total(self, env_id: int, end_user_id: str, feature_key: str) -> int:
         """What held reservations hold (including any whose expiry is not settled yet)."""
         return int(self.scalar(
