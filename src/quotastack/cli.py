@@ -98,12 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     create.set_defaults(func=cmd_tenant_create)
 
     demo = sub.add_parser("demo", help="start a server, run the seed's calls, replay a real trace")
-    demo.add_argument("--trace", default="azure", choices=["azure"])
+    demo.add_argument("--trace", default="azure", choices=["azure", "mooncake"],
+                      help="azure: check + usage; mooncake: reserve + commit/release, in bursts")
     demo.add_argument("--data", default=None, help="the trace file (default: ../shared/data/…)")
     demo.add_argument("--users", type=int, default=200)
     demo.add_argument("--limit", type=int, default=None, help="replay only the first N rows")
-    demo.add_argument("--concurrency", type=int, default=8)
+    demo.add_argument("--concurrency", type=int, default=None,
+                      help="most requests in flight at once (default: azure 8, mooncake 64)")
+    demo.add_argument("--speed", type=float, default=None,
+                      help="mooncake: space bursts as in the trace, this many times faster "
+                           "(default: each burst as soon as the previous one is done)")
     demo.add_argument("--database", default=None, help="database URL (default: a fresh SQLite file)")
+    demo.add_argument("--workers", type=int, default=1, help="server worker processes (quotastack serve --workers)")
     demo.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)

@@ -7,12 +7,26 @@ What it does, step by step (each step prints what it did):
 2. Creates a demo tenant, a metered feature ``tokens`` and a plan whose variant grants every
    end user a monthly ``tokens`` allowance, sized from the trace so that some end users run out.
 3. Makes the seed's three calls (subscribe, check, record usage) and prints the responses.
-4. Replays the Azure LLM inference trace over HTTP, the way a real integration would: every row is
-   one LLM request by one of ``--users`` end users; the integration checks the entitlement first
-   and, if allowed, records the tokens used (with an Idempotency-Key per row).
-5. Prints what happened, then verifies the ledger: for every end user, the sum of its ledger
-   entries equals its balance plus what is reserved. The exit code is 0 only if that holds for all
-   (and every balance is what the demo itself expects, and no call failed).
+4. Subscribes every end user, then replays an LLM trace over HTTP, the way a real integration
+   would. Every row is one LLM request by one of ``--users`` end users (row i belongs to user
+   i mod ``--users``). Two traces, two integration styles:
+
+   ``--trace azure`` (Azure LLM inference trace 2023, conversation): check the entitlement first
+   and, if allowed, record the tokens used with ``POST /v1/usage``. ``--concurrency`` clients run
+   side by side, each replaying its own end users' rows in trace order.
+
+   ``--trace mooncake`` (Mooncake conversation trace): reserve the most the request can cost
+   (input + 2,000 tokens, the maximum output) before generating; then commit what it did cost
+   (input + actual output) or, for a deterministic 2% of requests treated as failed generations,
+   release the reservation. Rows that share a timestamp arrive together, so each such burst is
+   sent at once (at most ``--concurrency`` requests in flight), bursts one after the other; with
+   ``--speed`` they are also spaced out in time as in the trace.
+
+   Every write carries an Idempotency-Key, so a request lost on the wire is retried safely.
+5. Prints what happened (counts, a few balances, client-side and server-side latencies).
+6. Verifies the ledger: for every end user, the sum of its ledger entries equals its balance plus
+   what is reserved (API.md §8), nothing is left reserved, and every balance is what the demo
+   itself expects. The exit code is 0 only if all of that holds and no call failed.
 
 Only the public HTTP API is used, so this file doubles as an example integration.
 """
@@ -22,6 +36,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -34,7 +50,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -42,7 +59,6 @@ from typing import Any
 
 import httpx
 
-TRACES = {"azure": "azure_llm_2023_conv.csv"}
 FEATURE = "tokens"
 SEED_USER = "user_123"
 
@@ -57,7 +73,7 @@ class DemoError(Exception):
     """The server or an HTTP call the demo relies on did not behave as expected."""
 
 
-# ---- the trace ---------------------------------------------------------------------------------
+# ---- the traces --------------------------------------------------------------------------------
 
 @dataclass
 class Row:
@@ -66,39 +82,39 @@ class Row:
     index: int
     timestamp: str
     end_user_id: str
-    context_tokens: int
-    generated_tokens: int
+    input_tokens: int
+    output_tokens: int
 
     @property
     def tokens(self) -> int:
-        return self.context_tokens + self.generated_tokens
-
-
-def default_data_dir() -> Path:
-    """``shared/data`` beside the repository root; else ``../shared/data`` from the current directory."""
-    repo_root = Path(__file__).resolve().parents[2]
-    candidate = repo_root.parent / "shared" / "data"
-    if candidate.is_dir():
-        return candidate
-    return Path.cwd().parent / "shared" / "data"
+        return self.input_tokens + self.output_tokens
 
 
 def end_user_name(number: int) -> str:
     return f"trace_user_{number:03d}"
 
 
-def load_trace(path: Path, users: int, limit: int | None) -> list[Row]:
-    """Rows in trace order; row i belongs to end user i % users (deterministic, evenly spread)."""
-    rows = []
+def read_rows(records: Iterator[tuple[str, int, int]], users: int, limit: int | None) -> list[Row]:
+    """(timestamp, input, output) records → rows; row i belongs to end user i % users (evenly spread)."""
+    return [Row(index=index, timestamp=timestamp, end_user_id=end_user_name(index % users),
+                input_tokens=input_tokens, output_tokens=output_tokens)
+            for index, (timestamp, input_tokens, output_tokens) in enumerate(itertools.islice(records, limit))]
+
+
+def azure_records(path: Path) -> Iterator[tuple[str, int, int]]:
+    """CSV: TIMESTAMP, ContextTokens, GeneratedTokens."""
     with path.open(newline="") as f:
-        for index, record in enumerate(csv.DictReader(f)):
-            if limit is not None and index >= limit:
-                break
-            rows.append(Row(index=index, timestamp=record["TIMESTAMP"],
-                            end_user_id=end_user_name(index % users),
-                            context_tokens=int(record["ContextTokens"]),
-                            generated_tokens=int(record["GeneratedTokens"])))
-    return rows
+        for record in csv.DictReader(f):
+            yield record["TIMESTAMP"], int(record["ContextTokens"]), int(record["GeneratedTokens"])
+
+
+def mooncake_records(path: Path) -> Iterator[tuple[str, int, int]]:
+    """JSON lines: timestamp (ms from the start), input_length, output_length, hash_ids (unused here)."""
+    with path.open() as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                yield str(record["timestamp"]), int(record["input_length"]), int(record["output_length"])
 
 
 def demand_per_user(rows: list[Row]) -> dict[str, int]:
@@ -115,6 +131,15 @@ def choose_allowance(rows: list[Row]) -> int:
     return max(int(round(median, -digits)), 1)
 
 
+def default_data_dir() -> Path:
+    """``shared/data`` beside the repository root; else ``../shared/data`` from the current directory."""
+    repo_root = Path(__file__).resolve().parents[2]
+    candidate = repo_root.parent / "shared" / "data"
+    if candidate.is_dir():
+        return candidate
+    return Path.cwd().parent / "shared" / "data"
+
+
 # ---- the server --------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -128,6 +153,7 @@ class Server:
     process: subprocess.Popen[bytes]
     base_url: str
     database_url: str
+    workers: int
     log_path: Path
 
     def log_tail(self, lines: int = 30) -> str:
@@ -137,7 +163,7 @@ class Server:
             return "(no server log)"
 
 
-def start_server(workdir: Path, database_url: str | None, operator_key: str) -> Server:
+def start_server(workdir: Path, database_url: str | None, operator_key: str, workers: int) -> Server:
     database_url = database_url or f"sqlite:///{workdir / 'demo.db'}"
     port = free_port()
     env = dict(os.environ, QUOTASTACK_DATABASE_URL=database_url, QUOTASTACK_OPERATOR_KEY=operator_key)
@@ -146,9 +172,9 @@ def start_server(workdir: Path, database_url: str | None, operator_key: str) -> 
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "quotastack.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"],
+             "--workers", str(workers), "--log-level", "warning"],
             env=env, stdout=log, stderr=subprocess.STDOUT)
-    return Server(process, f"http://127.0.0.1:{port}", database_url, log_path)
+    return Server(process, f"http://127.0.0.1:{port}", database_url, workers, log_path)
 
 
 def wait_until_ready(server: Server, timeout: float = 60.0) -> float:
@@ -253,71 +279,150 @@ def seed_calls(client: httpx.Client, variant_id: str) -> None:
         print()
 
 
-# ---- step 4: the replay ------------------------------------------------------------------------
+# ---- step 4: what both replays share -----------------------------------------------------------
 
 @dataclass
 class Stats:
+    """What a replay did. ``calls`` names the timed API calls, in the order they are reported."""
+
+    calls: tuple[str, ...]
     sent: int = 0
     accepted: int = 0
-    refused_by_check: int = 0
-    refused_by_usage: int = 0
+    released: int = 0
+    refused_by: Counter[str] = field(default_factory=Counter)  # how → count, e.g. "by the check" → 16
+    retries: int = 0
     tokens_used: int = 0
     refused_users: set[str] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
     used_by_user: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    check_client_ms: list[float] = field(default_factory=list)
-    check_server_ms: list[float] = field(default_factory=list)
-    usage_client_ms: list[float] = field(default_factory=list)
-    usage_server_ms: list[float] = field(default_factory=list)
+    client_ms: dict[str, list[float]] = field(default_factory=dict)  # call → latencies seen by the client
+    server_ms: dict[str, list[float]] = field(default_factory=dict)  # call → Server-Timing
+
+    def __post_init__(self) -> None:
+        for call in self.calls:
+            self.client_ms[call], self.server_ms[call] = [], []
 
     @property
     def refused(self) -> int:
-        return self.refused_by_check + self.refused_by_usage
+        return sum(self.refused_by.values())
+
+    def accept(self, row: Row) -> None:
+        self.accepted += 1
+        self.tokens_used += row.tokens
+        self.used_by_user[row.end_user_id] += row.tokens
+
+    def refuse(self, row: Row, how: str) -> None:
+        self.refused_by[how] += 1
+        self.refused_users.add(row.end_user_id)
+
+    def error(self, what: str, response: httpx.Response) -> None:
+        self.errors.append(f"{what}: {response.status_code} {response.text[:300]}")
 
 
-async def timed(client: httpx.AsyncClient, method: str, path: str, client_ms: list[float],
-                server_times: list[float], **kwargs: Any) -> httpx.Response:
+RETRIES = 3
+
+
+async def timed(client: httpx.AsyncClient, stats: Stats, call: str, method: str, path: str,
+                **kwargs: Any) -> httpx.Response:
+    """One API call, its latency recorded under ``call``.
+
+    A request lost on the wire (or whose twin is still running: 409 idempotency_key_in_use) is sent
+    again: every write carries an Idempotency-Key, so it takes effect at most once. The client-side
+    time is from the first attempt to the answer.
+    """
     started = time.perf_counter()
-    response = await client.request(method, path, **kwargs)
-    client_ms.append((time.perf_counter() - started) * 1000)
+    for attempt in range(1, RETRIES + 1):
+        try:
+            response = await client.request(method, path, **kwargs)
+        except httpx.TransportError:
+            if attempt == RETRIES:
+                raise
+        else:
+            in_use = response.status_code == 409 and "idempotency_key_in_use" in response.text
+            if not in_use or attempt == RETRIES:
+                break
+        stats.retries += 1
+        await asyncio.sleep(0.05 * attempt)
+    stats.client_ms[call].append((time.perf_counter() - started) * 1000)
     server_time = server_ms(response)
     if server_time is not None:
-        server_times.append(server_time)
+        stats.server_ms[call].append(server_time)
     return response
 
 
-async def subscribe(client: httpx.AsyncClient, end_user_id: str, variant_id: str, stats: Stats) -> None:
-    response = await client.post("/v1/subscriptions",
-                                 json={"end_user_id": end_user_id, "plan_variant_id": variant_id},
-                                 headers={"Idempotency-Key": f"demo-subscribe-{end_user_id}"})
-    if response.status_code != 201:
-        stats.errors.append(f"subscribe {end_user_id}: {response.status_code} {response.text[:300]}")
+def api_client(base_url: str, api_key: str, concurrency: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"},
+                             limits=limits, timeout=30.0)
 
 
-async def replay_row(client: httpx.AsyncClient, row: Row, stats: Stats) -> None:
+async def subscribe_all(client: httpx.AsyncClient, end_users: list[str], variant_id: str, stats: Stats,
+                        concurrency: int) -> None:
+    """Puts every end user on the demo plan (at most ``concurrency`` calls at once)."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def subscribe(end_user_id: str) -> None:
+        async with gate:
+            response = await client.post("/v1/subscriptions",
+                                         json={"end_user_id": end_user_id, "plan_variant_id": variant_id},
+                                         headers={"Idempotency-Key": f"demo-subscribe-{end_user_id}"})
+        if response.status_code != 201:
+            stats.error(f"subscribe {end_user_id}", response)
+
+    await asyncio.gather(*(subscribe(end_user_id) for end_user_id in end_users))
+
+
+class Progress:
+    """Prints a line every tenth of the rows."""
+
+    def __init__(self, total: int, stats: Stats) -> None:
+        self.total, self.stats, self.done = total, stats, 0
+        self.every = max(total // 10, 1)
+        self.started = time.monotonic()
+
+    def row_done(self) -> None:
+        self.done += 1
+        if self.done % self.every == 0 or self.done == self.total:
+            stats = self.stats
+            released = f", released {number(stats.released)}" if "release" in stats.calls else ""
+            print(f"   {number(self.done):>7} / {number(self.total)} requests   "
+                  f"accepted {number(stats.accepted)}, refused {number(stats.refused)}{released}   "
+                  f"({time.monotonic() - self.started:.0f} s)", flush=True)
+
+
+@dataclass
+class Replay:
+    """Where and how to replay: the server, the tenant's key and plan, the client's options."""
+
+    base_url: str
+    api_key: str
+    variant_id: str
+    concurrency: int
+    speed: float | None
+
+
+# ---- step 4, azure: check, then record usage ---------------------------------------------------
+
+async def check_then_use(client: httpx.AsyncClient, row: Row, stats: Stats) -> None:
     """What an integration does around one LLM request: check, then (if allowed) record the usage."""
     stats.sent += 1
-    check = await timed(client, "GET", "/v1/entitlements/check", stats.check_client_ms, stats.check_server_ms,
+    check = await timed(client, stats, "check", "GET", "/v1/entitlements/check",
                         params={"end_user_id": row.end_user_id, "feature_key": FEATURE, "units": row.tokens})
     if check.status_code != 200:
-        stats.errors.append(f"check row {row.index}: {check.status_code} {check.text[:300]}")
+        stats.error(f"check row {row.index}", check)
         return
     if not check.json()["allowed"]:
-        stats.refused_by_check += 1
-        stats.refused_users.add(row.end_user_id)
+        stats.refuse(row, "by the check")
         return
-    usage = await timed(client, "POST", "/v1/usage", stats.usage_client_ms, stats.usage_server_ms,
+    usage = await timed(client, stats, "usage", "POST", "/v1/usage",
                         json={"end_user_id": row.end_user_id, "feature_key": FEATURE, "units": row.tokens},
                         headers={"Idempotency-Key": f"demo-azure-row-{row.index}"})
     if usage.status_code == 201:
-        stats.accepted += 1
-        stats.tokens_used += row.tokens
-        stats.used_by_user[row.end_user_id] += row.tokens
+        stats.accept(row)
     elif usage.status_code == 402:
-        stats.refused_by_usage += 1
-        stats.refused_users.add(row.end_user_id)
+        stats.refuse(row, "by usage with 402")
     else:
-        stats.errors.append(f"usage row {row.index}: {usage.status_code} {usage.text[:300]}")
+        stats.error(f"usage row {row.index}", usage)
 
 
 def split_by_user(rows: list[Row], workers: int) -> list[list[Row]]:
@@ -330,34 +435,140 @@ def split_by_user(rows: list[Row], workers: int) -> list[list[Row]]:
     return lanes
 
 
-async def replay(base_url: str, api_key: str, variant_id: str, rows: list[Row], concurrency: int) -> Stats:
-    """Each worker subscribes its end users, then replays their rows; workers run side by side."""
-    stats = Stats()
-    progress_every = max(len(rows) // 10, 1)
-    started = time.monotonic()
-    done = 0
+async def replay_azure(replay: Replay, rows: list[Row], end_users: list[str]) -> Stats:
+    """``concurrency`` workers side by side, each replaying its own end users' rows in order."""
+    stats = Stats(calls=("check", "usage"))
+    stats.refused_by.update({"by the check": 0, "by usage with 402": 0})
+    async with api_client(replay.base_url, replay.api_key, replay.concurrency) as client:
+        await subscribe_all(client, end_users, replay.variant_id, stats, replay.concurrency)
+        progress = Progress(len(rows), stats)
 
-    async def worker(client: httpx.AsyncClient, lane: list[Row]) -> None:
-        nonlocal done
-        for end_user_id in dict.fromkeys(row.end_user_id for row in lane):
-            await subscribe(client, end_user_id, variant_id, stats)
-        for row in lane:
-            await replay_row(client, row, stats)
-            done += 1
-            if done % progress_every == 0:
-                print(f"   {number(done):>7} / {number(len(rows))} events   "
-                      f"accepted {number(stats.accepted)}, refused {number(stats.refused)}   "
-                      f"({time.monotonic() - started:.0f} s)", flush=True)
+        async def worker(lane: list[Row]) -> None:
+            for row in lane:
+                await check_then_use(client, row, stats)
+                progress.row_done()
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"},
-                                 limits=limits, timeout=30.0) as client:
-        lanes = split_by_user(rows, concurrency)
-        await asyncio.gather(*(worker(client, lane) for lane in lanes if lane))
+        await asyncio.gather(*(worker(lane) for lane in split_by_user(rows, replay.concurrency) if lane))
     return stats
 
 
-# ---- step 5: results and the conservation check ------------------------------------------------
+# ---- step 4, mooncake: reserve, then commit or release, in bursts ------------------------------
+
+MAX_OUTPUT_TOKENS = 2000  # the most a request may generate: what a reservation must cover
+FAILED_PERCENT = 2        # this share of requests fail to generate: their reservation is released
+
+
+def generation_fails(row: Row) -> bool:
+    """A deterministic ~2% of rows, chosen by a hash of the row index (the same on every run)."""
+    digest = hashlib.sha256(f"mooncake-row-{row.index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < FAILED_PERCENT
+
+
+def bursts(rows: list[Row]) -> list[list[Row]]:
+    """Rows that share a timestamp arrived together: one burst each, in trace order."""
+    ordered = sorted(rows, key=lambda row: (int(row.timestamp), row.index))
+    return [list(burst) for _, burst in itertools.groupby(ordered, key=lambda row: row.timestamp)]
+
+
+async def reserve_then_settle(client: httpx.AsyncClient, row: Row, stats: Stats) -> None:
+    """Around one LLM request: hold the most it can cost, generate, then charge what it cost."""
+    stats.sent += 1
+    reserve = await timed(client, stats, "reserve", "POST", "/v1/reservations",
+                          json={"end_user_id": row.end_user_id, "feature_key": FEATURE,
+                                "units": row.input_tokens + MAX_OUTPUT_TOKENS},
+                          headers={"Idempotency-Key": f"demo-mooncake-reserve-{row.index}"})
+    if reserve.status_code == 402:
+        stats.refuse(row, "by reserve with 402")
+        return
+    if reserve.status_code != 201:
+        stats.error(f"reserve row {row.index}", reserve)
+        return
+    path = f"/v1/reservations/{reserve.json()['id']}"
+
+    # (here the app would run the model)
+
+    if generation_fails(row):  # no outcome, no charge
+        release = await timed(client, stats, "release", "POST", f"{path}/release",
+                              headers={"Idempotency-Key": f"demo-mooncake-release-{row.index}"})
+        if release.status_code == 200:
+            stats.released += 1
+        else:
+            stats.error(f"release row {row.index}", release)
+        return
+    commit = await timed(client, stats, "commit", "POST", f"{path}/commit",
+                         json={"units": row.tokens, "final": True},
+                         headers={"Idempotency-Key": f"demo-mooncake-commit-{row.index}"})
+    if commit.status_code == 200:
+        stats.accept(row)
+    else:  # even a 402 is an error: the commit is never more than the reservation holds
+        stats.error(f"commit row {row.index}", commit)
+
+
+async def replay_mooncake(replay: Replay, rows: list[Row], end_users: list[str]) -> Stats:
+    """Each burst's rows all at once (at most ``concurrency`` in flight).
+
+    Without ``speed``, a burst starts when the one before it has finished; with it, each burst
+    starts at its trace time divided by ``speed``, whether or not earlier bursts are done.
+    """
+    stats = Stats(calls=("reserve", "commit", "release"))
+    stats.refused_by["by reserve with 402"] = 0
+    gate = asyncio.Semaphore(replay.concurrency)
+    async with api_client(replay.base_url, replay.api_key, replay.concurrency) as client:
+        await subscribe_all(client, end_users, replay.variant_id, stats, replay.concurrency)
+        progress = Progress(len(rows), stats)
+
+        async def request(row: Row) -> None:
+            async with gate:
+                await reserve_then_settle(client, row, stats)
+            progress.row_done()
+
+        started = time.monotonic()
+        first_ms = int(rows[0].timestamp)
+        running: list[Awaitable[Any]] = []
+        for burst in bursts(rows):
+            launched = asyncio.gather(*(request(row) for row in burst))  # starts them all now
+            if replay.speed is None:
+                await launched
+                continue
+            running.append(launched)
+            due = (int(burst[0].timestamp) - first_ms) / 1000 / replay.speed
+            await asyncio.sleep(max(0.0, due - (time.monotonic() - started)))
+        await asyncio.gather(*running)
+    return stats
+
+
+# ---- the traces the demo knows -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Trace:
+    file: str
+    records: Callable[[Path], Iterator[tuple[str, int, int]]]
+    replay: Callable[[Replay, list[Row], list[str]], Awaitable[Stats]]
+    concurrency: int          # the default --concurrency
+    how: tuple[str, ...]      # what the replay does for each request, for step 4's heading
+    allowance_note: tuple[str, ...] = ()
+    timestamp_unit: str = ""  # e.g. " ms" after the trace's first and last timestamps
+
+
+TRACES = {
+    "azure": Trace(
+        file="azure_llm_2023_conv.csv", records=azure_records, replay=replay_azure, concurrency=8,
+        how=("per request: GET /v1/entitlements/check (units = context + generated tokens),",
+             "then, if allowed, POST /v1/usage with an Idempotency-Key")),
+    "mooncake": Trace(
+        file="mooncake_conversation_trace.jsonl", records=mooncake_records, replay=replay_mooncake,
+        concurrency=64,
+        how=(f"per request: POST /v1/reservations (units = input + {number(MAX_OUTPUT_TOKENS)}, the maximum output),",
+             "then POST /v1/reservations/{id}/commit (units = input + actual output, final),",
+             f"or, for a fixed {FAILED_PERCENT}% of requests (failed generations), POST /v1/reservations/{{id}}/release;",
+             "each with an Idempotency-Key; rows sharing a timestamp are sent together, as one burst"),
+        allowance_note=(f"a reservation holds input + {number(MAX_OUTPUT_TOKENS)} tokens up front, so an end user is "
+                        "refused as soon as", "its balance is below that, even when the request would have fit"),
+        timestamp_unit=" ms"),
+}
+
+
+# ---- steps 5 and 6: results and the conservation check -----------------------------------------
 
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile."""
@@ -404,8 +615,13 @@ class Audit:
     users: int = 0
     ledger_entries: int = 0
     broken: list[str] = field(default_factory=list)          # conservation fails
+    still_reserved: list[str] = field(default_factory=list)  # credits held after the replay ended
     tally_mismatch: list[str] = field(default_factory=list)  # server balance != allowance - what we used
     balances: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.broken or self.still_reserved or self.tally_mismatch)
 
 
 def audit(client: httpx.Client, end_users: list[str], allowance: int, used: dict[str, int]) -> Audit:
@@ -418,6 +634,8 @@ def audit(client: httpx.Client, end_users: list[str], allowance: int, used: dict
         result.balances[end_user_id] = (balance, reserved)
         if total != balance + reserved:
             result.broken.append(f"{end_user_id}: ledger sums to {total}, balance {balance} + reserved {reserved}")
+        if reserved != 0:
+            result.still_reserved.append(f"{end_user_id}: {reserved} still reserved")
         expected = allowance - used.get(end_user_id, 0)
         if balance + reserved != expected:
             result.tally_mismatch.append(f"{end_user_id}: server says {balance + reserved}, "
@@ -425,16 +643,20 @@ def audit(client: httpx.Client, end_users: list[str], allowance: int, used: dict
     return result
 
 
-def print_results(stats: Stats, seconds: float, end_users: list[str], checked: Audit) -> None:
-    print(f"   events sent     {number(stats.sent):>10}")
-    print(f"   accepted        {number(stats.accepted):>10}   ({number(stats.tokens_used)} tokens recorded)")
-    print(f"   refused         {number(stats.refused):>10}   ({number(stats.refused_by_check)} by the check, "
-          f"{number(stats.refused_by_usage)} by usage with 402)")
+def print_results(stats: Stats, seconds: float, end_users: list[str], checked: Audit, workers: int) -> None:
+    refused_how = ", ".join(f"{number(count)} {how}" for how, count in stats.refused_by.items())
+    print(f"   requests        {number(stats.sent):>10}")
+    print(f"   accepted        {number(stats.accepted):>10}   ({number(stats.tokens_used)} tokens charged)")
+    print(f"   refused         {number(stats.refused):>10}   ({refused_how})")
+    if "release" in stats.calls:
+        print(f"   released        {number(stats.released):>10}   (failed generations: held, then released, "
+              f"nothing charged)")
     print(f"   errors          {number(len(stats.errors)):>10}")
     for error in stats.errors[:5]:
         print(f"      {error}")
+    print(f"   retries         {number(stats.retries):>10}")
     rate = stats.sent / seconds if seconds else 0
-    print(f"   replay time     {seconds:>9.1f} s   ({rate:,.0f} events/s)")
+    print(f"   replay time     {seconds:>9.1f} s   ({rate:,.0f} requests/s)")
     print(f"   end users refused at least once: {len(stats.refused_users)} of {len(end_users)}")
     print()
     print("   a few final balances (GET /v1/balances/{end_user_id}):")
@@ -442,11 +664,11 @@ def print_results(stats: Stats, seconds: float, end_users: list[str], checked: A
         balance, reserved = checked.balances[end_user_id]
         print(f"     {end_user_id:<16} balance {number(balance):>9}   reserved {number(reserved)}")
     print()
-    print_latency("check, client side", stats.check_client_ms)
-    print_latency("check, server (Server-Timing)", stats.check_server_ms)
-    print_latency("usage, client side", stats.usage_client_ms)
-    print_latency("usage, server (Server-Timing)", stats.usage_server_ms)
-    print("   (client side includes queueing: the clients share the machine with a single server process)")
+    for call in stats.calls:
+        print_latency(f"{call}, client side", stats.client_ms[call])
+        print_latency(f"{call}, server (Server-Timing)", stats.server_ms[call])
+    processes = "a single server process" if workers == 1 else f"{workers} server processes"
+    print(f"   (client side includes queueing: the clients share the machine with {processes})")
 
 
 def print_audit(checked: Audit) -> None:
@@ -459,6 +681,12 @@ def print_audit(checked: Audit) -> None:
             print(f"      {line}")
     else:
         print("   client tally: every balance equals the allowance less the usage the demo recorded")
+    if checked.still_reserved:
+        print(f"   reserved: NOT ZERO for {len(checked.still_reserved)} end users")
+        for line in checked.still_reserved[:5]:
+            print(f"      {line}")
+    else:
+        print("   reserved: 0 for every end user (no reservation left holding credits)")
     if checked.broken:
         print(f"   conservation: BROKEN for {len(checked.broken)} of {checked.users} end users")
         for line in checked.broken[:10]:
@@ -470,10 +698,11 @@ def print_audit(checked: Audit) -> None:
 # ---- the whole demo ----------------------------------------------------------------------------
 
 def trace_path(args: argparse.Namespace) -> Path:
+    file = TRACES[args.trace].file
     if args.data:
         path = Path(args.data)
-        return path / TRACES[args.trace] if path.is_dir() else path
-    return default_data_dir() / TRACES[args.trace]
+        return path / file if path.is_dir() else path
+    return default_data_dir() / file
 
 
 def heading(number_: int, text: str) -> None:
@@ -487,29 +716,37 @@ def stop_on_sigterm(signum: int, frame: Any) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
+def usage_error(message: str) -> int:
+    print(f"quotastack demo: {message}", file=sys.stderr)
+    return 2
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    trace = TRACES[args.trace]
+    if args.concurrency is None:
+        args.concurrency = trace.concurrency
+    if args.users < 1 or args.concurrency < 1 or args.workers < 1:
+        return usage_error("--users, --concurrency and --workers must be at least 1")
+    if args.speed is not None and (args.trace != "mooncake" or args.speed <= 0):
+        return usage_error("--speed must be positive, and only applies to --trace mooncake")
     path = trace_path(args)
     if not path.is_file():
-        print(f"quotastack demo: trace not found: {path} (use --data)", file=sys.stderr)
-        return 2
-    if args.users < 1 or args.concurrency < 1:
-        print("quotastack demo: --users and --concurrency must be at least 1", file=sys.stderr)
-        return 2
-    rows = load_trace(path, args.users, args.limit)
+        return usage_error(f"trace not found: {path} (use --data)")
+    rows = read_rows(trace.records(path), args.users, args.limit)
     if not rows:
-        print(f"quotastack demo: no rows in {path}", file=sys.stderr)
-        return 2
+        return usage_error(f"no rows in {path}")
 
     print("QuotaStack demo: an LLM app's billing, replayed from a real trace")
-    print(f"trace: {path} ({number(len(rows))} requests, {rows[0].timestamp} .. {rows[-1].timestamp})")
+    print(f"trace: {path} ({number(len(rows))} requests, "
+          f"{rows[0].timestamp} .. {rows[-1].timestamp}{trace.timestamp_unit})")
 
     # `kill` (SIGTERM) must also stop the server we start, like Ctrl-C does.
     previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="quotastack-demo-") as workdir:
         operator_key = "qs_operator_" + secrets.token_urlsafe(24)
-        server = start_server(Path(workdir), args.database, operator_key)
+        server = start_server(Path(workdir), args.database, operator_key, args.workers)
         try:
-            return run_against(server, operator_key, rows, args)
+            return run_against(server, operator_key, trace, rows, args)
         except DemoError as exc:
             print(f"\nquotastack demo: {exc}", file=sys.stderr)
             return 1
@@ -524,11 +761,11 @@ def run_demo(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous_sigterm)
 
 
-def run_against(server: Server, operator_key: str, rows: list[Row], args: argparse.Namespace) -> int:
+def run_against(server: Server, operator_key: str, trace: Trace, rows: list[Row], args: argparse.Namespace) -> int:
     heading(1, "Starting the server")
     ready_after = wait_until_ready(server)
     print(f"   {server.base_url}  (database {without_password(server.database_url)}; "
-          f"ready after {ready_after:.1f} s)")
+          f"{server.workers} worker process{'es' if server.workers > 1 else ''}; ready after {ready_after:.1f} s)")
 
     heading(2, "Setting up a demo tenant")
     demand = demand_per_user(rows)
@@ -537,31 +774,38 @@ def run_against(server: Server, operator_key: str, rows: list[Row], args: argpar
     with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {api_key}"},
                       timeout=30.0) as client:
         variant_id = create_catalog(client, allowance)
-        print(f"   allowance: the trace asks for {number(sum(demand.values()))} tokens over {len(demand)} end users;")
+        print(f"   allowance: the trace asks for {number(sum(demand.values()))} tokens (input + output) "
+              f"over {len(demand)} end users;")
         print(f"   per end user from {number(min(demand.values()))} to {number(max(demand.values()))}, "
-              f"median {number(int(statistics.median(demand.values())))}; so each gets {number(allowance)} tokens")
+              f"median {number(int(statistics.median(demand.values())))}; so each gets {number(allowance)} tokens "
+              f"(the median, rounded),")
+        print("   and about half of the end users run out before their last request")
+        for line in trace.allowance_note:
+            print(f"   {line}")
 
         heading(3, "The seed's three calls")
         seed_calls(client, variant_id)
 
+        pacing = f", bursts spaced {args.speed:g}x faster than the trace" if args.speed else ""
         heading(4, f"Replaying {number(len(rows))} LLM requests from {len(demand)} end users "
-                   f"({args.concurrency} concurrent clients)")
-        print("   per request: GET /v1/entitlements/check (units = context + generated tokens),")
-        print("   then, if allowed, POST /v1/usage with an Idempotency-Key")
+                   f"(at most {args.concurrency} at once{pacing})")
+        for line in trace.how:
+            print(f"   {line}")
+        end_users = sorted(demand)
+        replay = Replay(server.base_url, api_key, variant_id, args.concurrency, args.speed)
         started = time.monotonic()
-        stats = asyncio.run(replay(server.base_url, api_key, variant_id, rows, args.concurrency))
+        stats = asyncio.run(trace.replay(replay, rows, end_users))
         seconds = time.monotonic() - started
 
         heading(5, "Results")
-        end_users = sorted(demand)
         used = dict(stats.used_by_user)
         used[SEED_USER] = 1  # the seed's usage call
         checked = audit(client, [SEED_USER, *end_users], allowance, used)
-        print_results(stats, seconds, end_users, checked)
+        print_results(stats, seconds, end_users, checked, server.workers)
 
         heading(6, "Conservation check (GET /v1/ledger, summed per end user)")
         print_audit(checked)
 
-    ok = not checked.broken and not checked.tally_mismatch and not stats.errors
+    ok = checked.ok and not stats.errors
     print(f"\n{'OK' if ok else 'FAILED'}: the demo {'passed' if ok else 'found problems (see above)'}.")
     return 0 if ok else 1

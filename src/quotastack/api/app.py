@@ -89,7 +89,7 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
         def work() -> dict[str, Any]:
             with db.reader() as tx:
                 result = entitlements.check(tx, ctx, end_user_id, feature_key, units)
-            if result is entitlements.NEEDS_SUBSCRIPTION:
+            if result is entitlements.NEEDS_WRITE:
                 with db.transaction() as tx:
                     ensure_subscription(tx, ctx, end_user_id)
                     result = entitlements.check(tx, ctx, end_user_id, feature_key, units)

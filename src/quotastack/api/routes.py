@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from ..domain import periods
 from ..domain.errors import InvalidRequest, NotFound, QuotaStackError
 from ..service import (
-    catalog, clock, credits, entitlements, queries, refunds, reservations, subscriptions, tenants, usage,
+    catalog, clock, credits, entitlements, queries, refunds, reservations, subscriptions, summaries, tenants, usage,
 )
 from ..service.context import Ctx
 from ..service.ports import Database, Tx
@@ -263,7 +263,7 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
         def work() -> Any:
             with db.reader() as tx:
                 result = entitlements.entitlements(tx, ctx, end_user_id)
-            if result is entitlements.NEEDS_SUBSCRIPTION:
+            if result is entitlements.NEEDS_WRITE:
                 with db.transaction() as tx:
                     ensure_subscription(tx, ctx, end_user_id)
                     result = entitlements.entitlements(tx, ctx, end_user_id)
@@ -287,7 +287,7 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
                             feature_key: str = Query(...), from_: str | None = Query(None, alias="from"),
                             to: str | None = None) -> Response:
         lo, hi = _instant(from_, "from"), _instant(to, "to")
-        return await read(request, lambda tx, ctx: usage.summary(tx, ctx, end_user_id, feature_key, lo, hi))
+        return await read(request, lambda tx, ctx: summaries.summary(tx, ctx, end_user_id, feature_key, lo, hi))
 
     @r.get("/v1/usage/{usage_id}", tags=["usage"])
     async def get_usage(request: Request, usage_id: str) -> Response:

@@ -49,7 +49,9 @@ class Account:
         self.rows: dict[str, dict[str, Any]] = {}
         for row in tx.blocks_for(ctx.env_id, end_user_id, feature_key):
             self.rows[row["id"]] = dict(row)
-        self.balance = sum(r["remaining"] for r in self.rows.values() if r["status"] == "active")
+        # The ledger's running total: frozen blocks (a paused subscription's) still count here,
+        # though nobody can spend them until the subscription resumes.
+        self.balance = sum(r["remaining"] for r in self.rows.values() if r["status"] in ("active", "frozen"))
         self.reserved = tx.reserved_total(ctx.env_id, end_user_id, feature_key)
         self.settle(ctx.now_us)
 
@@ -73,7 +75,7 @@ class Account:
         for row in self.rows.values():
             if row["status"] == "scheduled" and row["effective_at_us"] <= now_us:
                 due.append((row["effective_at_us"], 0, row["id"], "grant"))
-            if row["expires_at_us"] is not None and row["expires_at_us"] <= now_us:
+            if row["status"] != "frozen" and row["expires_at_us"] is not None and row["expires_at_us"] <= now_us:
                 due.append((row["expires_at_us"], 1, row["id"], "expire"))
         for rsv in self.tx.due_reservations(self.ctx.env_id, self.end_user_id, self.feature_key, now_us):
             due.append((rsv["expires_at_us"], 2, rsv["id"], "reservation"))
@@ -95,10 +97,10 @@ class Account:
     def expire(self, row: dict[str, Any], at_us: int, reason: str = "expired") -> dict[str, Any] | None:
         """Take a block's remaining amount out of the balance for good."""
         entry = None
-        if row["status"] == "active" and row["remaining"] > 0:
+        if row["status"] in ("active", "frozen") and row["remaining"] > 0:
             entry = self.move(row, "expire", row["remaining"], at_us=at_us, reason=reason)
             self.event("credits.expired", {"block_id": row["id"], "amount": views.amount(entry["amount"], self.precision)})
-        if row["status"] in ("active", "scheduled"):
+        if row["status"] in ("active", "scheduled", "frozen"):
             row["status"] = "expired"
             self.tx.update("blocks", {"id": row["id"]}, {"status": "expired", "remaining": row["remaining"]})
         return entry
@@ -198,7 +200,7 @@ class Account:
             entries.append(self.move(row, "release", hold["amount"], at_us=at, reservation_id=reservation_id,
                                       reason=reason))
             dead = row["status"] in ("expired", "voided") or (
-                row["expires_at_us"] is not None and row["expires_at_us"] <= at)
+                row["status"] != "frozen" and row["expires_at_us"] is not None and row["expires_at_us"] <= at)
             if dead:
                 entries.append(self.move(row, "expire", hold["amount"], at_us=at, reservation_id=reservation_id,
                                           reason="released into an expired block"))
@@ -208,7 +210,7 @@ class Account:
 
     def void(self, row: dict[str, Any], reason: str | None = None) -> dict[str, Any] | None:
         entry = None
-        if row["status"] == "active" and row["remaining"] > 0:
+        if row["status"] in ("active", "frozen") and row["remaining"] > 0:
             entry = self.move(row, "void", row["remaining"], reason=reason)
         row["status"] = "voided"
         self.tx.update("blocks", {"id": row["id"]}, {"status": "voided", "remaining": row["remaining"]})

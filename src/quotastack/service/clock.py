@@ -15,6 +15,7 @@ from . import views
 from .context import Ctx
 from .ports import Tx
 from .queries import settle_end_user
+from .subscriptions import advance_due
 
 MAX_ADVANCE_SECONDS = 100 * 366 * 86_400
 
@@ -51,5 +52,8 @@ def advance(tx: Tx, ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
     offset_us = env["clock_offset_us"] + (target_us - ctx.now_us)
     tx.update("environments", {"id": ctx.env_id}, {"clock_offset_us": offset_us})
     later = ctx.at(target_us)
-    settle_end_user(tx, later, None)
+    # Every boundary up to the new instant, in order: renewals, resets, rollovers, trial ends,
+    # scheduled changes, then the expiries and reservation releases that are due.
+    advance_due(tx, later, limit=1_000_000)
+    settle_end_user(tx, later, None, limit=1_000_000)
     return {"object": "test_clock", "now": views.ts(target_us), "advanced_seconds": offset_us // US_PER_SECOND}

@@ -1,9 +1,11 @@
 """The entitlement check: could this end user use this feature now? The hot path.
 
-A check only reads. The one exception is an end user the environment has never seen while it
-has a default plan: ``check`` answers ``NEEDS_SUBSCRIPTION``, and the caller runs
-``ensure_subscription`` in a write transaction first (once per end user), so that what the
-check reports is what the ledger holds.
+A check only reads, except when its end user's subscription has something due: a boundary
+(renewal, a reset window, a trial end) at or before now that no request has processed yet, or an
+end user the environment has never seen while it has a default plan. Then ``check`` answers
+``NEEDS_WRITE``, and the caller runs ``ensure_subscription`` in a write transaction and checks
+again, so that a check at a boundary instant sees the new window and reports exactly what the
+ledger holds. That happens once per boundary per end user.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any, Final
 from decimal import Decimal
 from functools import lru_cache
 
-from ..domain.amounts import scale_round, to_minor
+from ..domain.amounts import MAX_MINOR, scale_round, to_minor
+from ..domain.errors import InvalidAmount
 from ..domain.periods import Duration
 from . import views
 from .codec import loads
@@ -21,7 +24,7 @@ from .context import Ctx
 from .ports import Tx
 from .subscriptions import window_of
 
-NEEDS_SUBSCRIPTION: Final = object()
+NEEDS_WRITE: Final = object()
 
 
 def check(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, units: object = 1) -> Any:
@@ -37,8 +40,8 @@ def check(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, units: object = 
     precision = snap["f_precision"]
     units_minor = to_minor(units, precision, "units")
     result["units"] = views.amount(units_minor, precision)
-    if snap["needs_subscription"]:
-        return NEEDS_SUBSCRIPTION
+    if snap["needs_write"]:
+        return NEEDS_WRITE
     has_own, has_pool = snap["own_enabled"] is not None, snap["pool_enabled"] is not None
     if snap["f_type"] == "boolean":
         result["allowed"] = bool(has_own and snap["own_enabled"])
@@ -54,6 +57,8 @@ def check(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, units: object = 
     if snap["f_pool"] is not None:
         charged_precision = snap["pool_precision"]
         amount = scale_round(units_minor, precision, Decimal(snap["f_rate"]), charged_precision)
+        if amount > MAX_MINOR:  # usage refuses it too (usage.cost)
+            raise InvalidAmount("units × credits_per_unit is out of range", "units")
         result["credit_pool"] = snap["f_pool"]
         result["amount"] = views.amount(amount, charged_precision)
     # The terms that govern the balance: the feature's own allowance, else its pool's.
@@ -68,6 +73,8 @@ def check(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, units: object = 
         result["allowed"] = True
         if balance < amount:
             result["overage"] = True
+    elif snap["sub_status"] == "paused" and side is not None:
+        result["reason"] = "subscription_paused"
     else:
         result["reason"] = "no_entitlement" if side is None and balance == 0 else "insufficient_balance"
     return result
@@ -83,8 +90,8 @@ def entitlements(tx: Tx, ctx: Ctx, end_user_id: str) -> Any:
     out = []
     for row in tx.page("features", ctx.env_id, {}, 10_000, None):
         item = check(tx, ctx, end_user_id, row["key"])
-        if item is NEEDS_SUBSCRIPTION:
-            return NEEDS_SUBSCRIPTION
+        if item is NEEDS_WRITE:
+            return NEEDS_WRITE
         out.append(item)
     out.reverse()
     return {"object": "list", "end_user_id": end_user_id, "data": out}

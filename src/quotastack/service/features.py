@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from ..domain.errors import NotFound
+from ..domain.amounts import MAX_MINOR, scale_round
+from ..domain.errors import InvalidAmount, InvalidRequest, NotFound
 from .ports import Row, Tx
 
 
@@ -56,3 +57,32 @@ class Features:
     def precision(self, key: str) -> int:
         feature = self.find(key)
         return feature.precision if feature else 0
+
+
+def cost(features: Features, feature: Feature, units: int) -> tuple[Feature, int]:
+    """The feature whose balance pays for ``units`` of ``feature``, and how much it pays."""
+    charged = features.charged(feature)
+    if charged is feature:
+        return feature, units
+    assert feature.credits_per_unit is not None
+    amount = scale_round(units, feature.precision, feature.credits_per_unit, charged.precision)
+    if amount > MAX_MINOR:
+        raise InvalidAmount("units × credits_per_unit is out of range", "units")
+    return charged, amount
+
+
+def plan_terms(tx: Tx, variant_id: str | None, feature: Feature) -> tuple[Row | None, Row | None]:
+    """The plan's entitlement rows for ``feature`` and for the pool it draws on."""
+    if variant_id is None:
+        return None, None
+    own = tx.entitlement(variant_id, feature.key)
+    pool = tx.entitlement(variant_id, feature.credit_pool) if feature.credit_pool else None
+    return own, pool
+
+
+def metered(features: Features, key: str) -> Feature:
+    feature = features.require(key)
+    if feature.type != "metered":
+        raise InvalidRequest(f"{feature.key} is a boolean feature: usage is recorded for metered ones",
+                             "feature_key")
+    return feature

@@ -18,10 +18,9 @@ from . import views
 from .accounts import Account
 from .codec import dumps, loads
 from .context import Ctx
-from .features import Features
+from .features import Features, cost, metered, plan_terms
 from .ports import Row, Tx
 from .subscriptions import ensure_subscription
-from .usage import cost, metered, plan_terms
 
 DEFAULT_TTL_SECONDS = 900
 MAX_TTL_SECONDS = 604_800
@@ -93,7 +92,7 @@ def _held(tx: Tx, ctx: Ctx, reservation_id: str) -> tuple[Row, Account]:
     row = tx.get("reservations", env_id=ctx.env_id, id=reservation_id)
     if row is None:
         raise NotFound(f"no reservation {reservation_id!r}")
-    tx.lock_end_user(ctx.env_id, row["end_user_id"], ctx.now_us)
+    ensure_subscription(tx, ctx, row["end_user_id"])
     features = Features(tx, ctx.env_id)
     account = Account(tx, ctx, row["end_user_id"], row["charged_feature_key"],
                       features.precision(row["charged_feature_key"]))

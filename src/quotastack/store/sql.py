@@ -125,7 +125,7 @@ class SqlTx:
     def blocks_for(self, env_id: int, end_user_id: str, feature_key: str) -> list[Row]:
         return self.all(
             "SELECT * FROM blocks WHERE env_id = :e AND end_user_id = :u AND feature_key = :f "
-            "AND status IN ('active', 'scheduled') ORDER BY seq",
+            "AND status IN ('active', 'scheduled', 'frozen') ORDER BY seq",
             {"e": env_id, "u": end_user_id, "f": feature_key},
         )
 
@@ -157,8 +157,9 @@ class SqlTx:
             "f.credits_per_unit AS f_rate, pf.precision AS pool_precision, "
             "s.id AS sub_id, s.status AS sub_status, s.anchor_us, s.current_period_start_us, "
             "s.current_period_end_us, s.trial_end_us, s.timezone, "
-            "CASE WHEN s.id IS NULL AND EXISTS (SELECT 1 FROM plans p JOIN plan_variants v ON v.plan_id = p.id "
-            "WHERE p.env_id = :e AND p.is_default = :yes) THEN 1 ELSE 0 END AS needs_subscription, "
+            "CASE WHEN s.next_due_us <= :t OR (s.id IS NULL AND EXISTS (SELECT 1 FROM plans p "
+            "JOIN plan_variants v ON v.plan_id = p.id WHERE p.env_id = :e AND p.is_default = :yes)) "
+            "THEN 1 ELSE 0 END AS needs_write, "
             "eo.enabled AS own_enabled, eo.unlimited AS own_unlimited, eo.amount AS own_amount, "
             "eo.overage AS own_overage, eo.reset AS own_reset, "
             "ep.enabled AS pool_enabled, ep.unlimited AS pool_unlimited, ep.amount AS pool_amount, "
@@ -255,7 +256,7 @@ class SqlTx:
 
     def subscription_blocks(self, subscription_id: str) -> list[Row]:
         return self.all(
-            "SELECT * FROM blocks WHERE subscription_id = :s AND status IN ('active', 'scheduled') "
+            "SELECT * FROM blocks WHERE subscription_id = :s AND status IN ('active', 'scheduled', 'frozen') "
             "ORDER BY seq", {"s": subscription_id},
         )
 
@@ -270,6 +271,41 @@ class SqlTx:
         )
         assert row is not None
         return {"events": int(row["events"]), "units": int(row["units"]), "overage": int(row["overage"])}
+
+    # ---- subscription windows ---------------------------------------------------------------------
+
+    def windows_of(self, subscription_id: str) -> list[Row]:
+        return self.all("SELECT * FROM allowance_windows WHERE subscription_id = :s ORDER BY feature_key",
+                        {"s": subscription_id})
+
+    def upsert_window(self, subscription_id: str, feature_key: str, start_us: int, end_us: int) -> None:
+        self.execute(
+            "INSERT INTO allowance_windows (subscription_id, feature_key, window_start_us, window_end_us) "
+            "VALUES (:s, :f, :a, :b) ON CONFLICT (subscription_id, feature_key) "
+            "DO UPDATE SET window_start_us = :a, window_end_us = :b",
+            {"s": subscription_id, "f": feature_key, "a": start_us, "b": end_us})
+
+    def delete_windows(self, subscription_id: str) -> None:
+        self.execute("DELETE FROM allowance_windows WHERE subscription_id = :s", {"s": subscription_id})
+
+    def shift_windows(self, subscription_id: str, by_us: int) -> None:
+        self.execute("UPDATE allowance_windows SET window_start_us = window_start_us + :d, "
+                     "window_end_us = window_end_us + :d WHERE subscription_id = :s",
+                     {"s": subscription_id, "d": by_us})
+
+    def end_windows(self, subscription_id: str, at_us: int) -> None:
+        self.execute("UPDATE allowance_windows SET window_end_us = :t WHERE subscription_id = :s",
+                     {"s": subscription_id, "t": at_us})
+
+    def due_subscriptions(self, env_id: int, now_us: int, limit: int) -> list[Row]:
+        return self.all(
+            "SELECT * FROM subscriptions WHERE env_id = :e AND next_due_us <= :n ORDER BY next_due_us LIMIT :l",
+            {"e": env_id, "n": now_us, "l": limit})
+
+    def held_in_block(self, block_id: str) -> int:
+        return int(self.scalar(
+            "SELECT COALESCE(SUM(h.amount), 0) FROM reservation_holds h JOIN reservations r "
+            "ON r.id = h.reservation_id WHERE h.block_id = :b AND r.status = 'held'", {"b": block_id}))
 
     # ---- plans and subscriptions -------------------------------------------------------------
 

@@ -1,0 +1,46 @@
+"""Usage summaries: units used, included and over the allowance, priced by the plan's tiers."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from ..domain.pricing import Tier, price
+from . import views
+from .codec import loads
+from .context import Ctx
+from .features import Features, plan_terms
+from .ports import Tx
+
+
+def summary(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, from_us: int | None,
+            to_us: int | None, variant_id: str | None = None) -> dict[str, Any]:
+    """Units used, included and over the allowance in ``[from, to)``, priced by the plan's tiers."""
+    features = Features(tx, ctx.env_id)
+    feature = features.require(feature_key)
+    charged = features.charged(feature)
+    sub = tx.live_subscription(ctx.env_id, end_user_id)
+    if from_us is None and sub is not None:
+        from_us = sub["current_period_start_us"]
+    if to_us is None:
+        to_us = sub["current_period_end_us"] if sub is not None else ctx.now_us
+    totals = tx.usage_totals(ctx.env_id, end_user_id, feature.key, from_us, to_us)
+    units = views.amount(totals["units"], feature.precision) or Decimal(0)
+    overage_credits = views.amount(totals["overage"], charged.precision) or Decimal(0)
+    overage_units = overage_credits if charged is feature else overage_credits / (feature.credits_per_unit or 1)
+    result: dict[str, Any] = {
+        "object": "usage_summary", "end_user_id": end_user_id, "feature_key": feature.key,
+        "from": views.ts(from_us), "to": views.ts(to_us), "events": totals["events"],
+        "units": units, "included_units": units - overage_units, "overage_units": overage_units,
+        "pricing": None,
+    }
+    own, pool = plan_terms(tx, variant_id or (sub and sub["variant_id"]), feature)
+    terms = own if own is not None and own["pricing"] else pool
+    pricing = loads(terms["pricing"]) if terms is not None and terms["pricing"] else None
+    if pricing:
+        tiers = [Tier(Decimal(t["up_to"]) if t["up_to"] is not None else None, Decimal(t["unit_price"]))
+                 for t in pricing["tiers"]]
+        total, rows = price(pricing["mode"], tiers, overage_units)
+        result["pricing"] = {"mode": pricing["mode"], "currency": pricing["currency"], "amount": total,
+                             "tiers": rows}
+    return result
