@@ -377,12 +377,12 @@ class Progress:
 
     def __init__(self, total: int, stats: Stats) -> None:
         self.total, self.stats, self.done = total, stats, 0
-        self.every = max(total // 10, 1)
+        self.checkpoints = {math.ceil(total * tenth / 10) for tenth in range(1, 11)}
         self.started = time.monotonic()
 
     def row_done(self) -> None:
         self.done += 1
-        if self.done % self.every == 0 or self.done == self.total:
+        if self.done in self.checkpoints:
             stats = self.stats
             released = f", released {number(stats.released)}" if "release" in stats.calls else ""
             print(f"   {number(self.done):>7} / {number(self.total)} requests   "

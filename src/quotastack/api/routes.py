@@ -224,6 +224,38 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
     async def get_subscription(request: Request, subscription_id: str) -> Response:
         return await read(request, lambda tx, ctx: subscriptions.get_subscription(tx, ctx, subscription_id))
 
+    @r.post("/v1/subscriptions/{subscription_id}/change", tags=["subscriptions"],
+            openapi_extra=_body_schema(schemas.ChangeIn))
+    async def change_subscription(request: Request, subscription_id: str) -> Response:
+        return await mutate(request, "subscriptions:write", schemas.ChangeIn,
+                            lambda tx, ctx, d: subscriptions.change(tx, ctx, subscription_id, d),
+                            object_ids=(subscription_id,))
+
+    @r.post("/v1/subscriptions/{subscription_id}/pause", tags=["subscriptions"])
+    async def pause_subscription(request: Request, subscription_id: str) -> Response:
+        return await mutate(request, "subscriptions:write", None,
+                            lambda tx, ctx, d: subscriptions.pause(tx, ctx, subscription_id),
+                            object_ids=(subscription_id,))
+
+    @r.post("/v1/subscriptions/{subscription_id}/resume", tags=["subscriptions"])
+    async def resume_subscription(request: Request, subscription_id: str) -> Response:
+        return await mutate(request, "subscriptions:write", None,
+                            lambda tx, ctx, d: subscriptions.resume(tx, ctx, subscription_id),
+                            object_ids=(subscription_id,))
+
+    @r.post("/v1/subscriptions/{subscription_id}/cancel", tags=["subscriptions"],
+            openapi_extra=_body_schema(schemas.CancelIn))
+    async def cancel_subscription(request: Request, subscription_id: str) -> Response:
+        return await mutate(request, "subscriptions:write", schemas.CancelIn,
+                            lambda tx, ctx, d: subscriptions.cancel(tx, ctx, subscription_id, d),
+                            object_ids=(subscription_id,))
+
+    @r.post("/v1/subscriptions/{subscription_id}/renew", tags=["subscriptions"])
+    async def renew_subscription(request: Request, subscription_id: str) -> Response:
+        return await mutate(request, "subscriptions:write", None,
+                            lambda tx, ctx, d: subscriptions.renew(tx, ctx, subscription_id),
+                            object_ids=(subscription_id,))
+
     # ---- credits ----------------------------------------------------------------------------------
 
     @r.post("/v1/grants", status_code=201, tags=["credits"], openapi_extra=_body_schema(schemas.GrantIn))

@@ -119,6 +119,15 @@ class SubscriptionIn(Body):
     metadata: Metadata | None = None
 
 
+class ChangeIn(Body):
+    plan_variant_id: str
+    timing: Literal["immediate", "period_end"] = "immediate"
+
+
+class CancelIn(Body):
+    at: Literal["period_end", "immediately"] = "period_end"
+
+
 class GrantIn(Body):
     end_user_id: EndUserId
     feature_key: Key

@@ -156,6 +156,7 @@ def balances(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str | None,
     for key in keys:
         precision = features.precision(key)
         account = Account(tx, ctx, end_user_id, key, precision)
+        frozen = sum(r["remaining"] for r in account.rows.values() if r["status"] == "frozen")
         if at_us is None or at_us >= ctx.now_us:
             at = ctx.now_us if at_us is None else at_us
             rows = [r for r in account.rows.values() if r["status"] == "active"
@@ -169,6 +170,7 @@ def balances(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str | None,
         data.append({
             "feature_key": key, "balance": views.amount(balance, precision),
             "reserved": views.amount(reserved, precision), "unlimited": key in unlimited,
+            "frozen": views.amount(frozen if at_us is None or at_us >= ctx.now_us else 0, precision),
             "blocks": [_block_summary(r, precision) for r in rows],
         })
     return {"object": "balances", "end_user_id": end_user_id,

@@ -177,12 +177,13 @@ def capped(account: Account, amount: int, max_balance: int | None) -> tuple[int,
     return room, f"max_balance: {amount - room} of {amount} not granted"
 
 
-def grant_window(tx: Tx, ctx: Ctx, sub: Row, ent: Row, start_us: int, end_us: int) -> None:
+def grant_window(tx: Tx, ctx: Ctx, sub: Row, ent: Row, start_us: int, end_us: int, used: int = 0) -> None:
     """Grant ``ent``'s allowance for the window ``[start, end)``, first rolling over the last one.
 
     The previous window's allowance expires at ``start``; with ``rollover``, the part of it left
     unused is carried into a rollover block, up to ``max_amount`` held in rollover blocks at
-    once. Both grants respect ``max_balance``.
+    once. Both grants respect ``max_balance``. ``used``: what the end user already used of this
+    window's allowance under an earlier variant (after an immediate change).
     """
     assert start_us <= ctx.now_us
     feature = Features(tx, ctx.env_id).require(ent["feature_key"])
@@ -206,11 +207,11 @@ def grant_window(tx: Tx, ctx: Ctx, sub: Row, ent: Row, start_us: int, end_us: in
                           metadata={"unused": views.amount(unused, feature.precision)},
                           reason=reason or f"rolled over: {views.amount(carry, feature.precision)} of "
                                            f"{views.amount(unused, feature.precision)} unused")
-    amount, reason = capped(account, ent["amount"], ent["max_balance"])
+    amount, reason = capped(account, max(0, ent["amount"] - used), ent["max_balance"])
     if amount > 0:
+        metadata = {"window_start": views.ts(start_us)} | ({"window_used": used} if used else {})
         account.grant(amount, priority=ent["priority"], effective_at_us=start_us, expires_at_us=end_us,
-                      source="plan", subscription_id=sub["id"], metadata={"window_start": views.ts(start_us)},
-                      reason=reason)
+                      source="plan", subscription_id=sub["id"], metadata=metadata, reason=reason)
     tx.upsert_window(sub["id"], feature.key, start_us, end_us)
 
 
@@ -375,14 +376,14 @@ def _replace_allowances(tx: Tx, ctx: Ctx, sub: Row, variant_id: str) -> None:
         row = account.rows.get(block["id"])
         if row is None or row["status"] != "active":
             continue
-        used[feature_key] = used.get(feature_key, 0) + row["original_amount"] - row["remaining"] \
+        earlier = int(loads(row["metadata"]).get("window_used", 0))
+        used[feature_key] = used.get(feature_key, 0) + earlier + row["original_amount"] - row["remaining"] \
             - tx.held_in_block(block["id"])
         account.expire(row, at_us=ctx.now_us, reason="plan changed")
     tx.delete_windows(sub["id"])
     for ent in _allowances(tx, variant_id):
         window = window_of(sub, Duration.from_dict(loads(ent["reset"])), ctx.now_us)
-        left = max(0, ent["amount"] - max(0, used.get(ent["feature_key"], 0)))
-        grant_window(tx, ctx, sub, {**ent, "amount": left, "rollover": None}, *window)
+        grant_window(tx, ctx, sub, {**ent, "rollover": None}, *window, used=max(0, used.get(ent["feature_key"], 0)))
 
 
 def pause(tx: Tx, ctx: Ctx, subscription_id: str) -> dict[str, Any]:

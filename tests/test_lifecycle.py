@@ -1,0 +1,310 @@
+"""Subscriptions through time, driven by the sandbox clock: every lifecycle path, at the API.
+
+Each test makes its own tenant; after each, the ledger adds up for every end user it touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from quotastack.domain.periods import format_rfc3339, parse_rfc3339
+
+from .serving import OPERATOR_KEY, database_url, engines, serve
+
+HOUR = 3600
+DAY = 86_400
+SIGN = {"grant": 1, "refund": 1, "rollover": 1, "use": -1, "expire": -1, "void": -1, "commit": -1,
+        "reserve": 0, "release": 0}
+
+
+@pytest.fixture(scope="module", params=engines())
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with serve(database_url(request.param, Path(tmp_path_factory.mktemp("life")))) as running:
+        yield running
+
+
+class Sandbox:
+    """A fresh tenant's sandbox, with helpers that fail loudly on unexpected statuses."""
+
+    def __init__(self, base_url: str) -> None:
+        created = httpx.post(f"{base_url}/v1/tenants", json={"name": "life"},
+                             headers={"Authorization": f"Bearer {OPERATOR_KEY}"}).json()
+        self.keys = created["api_keys"]
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {self.keys[0]['key']}"})
+        self.users: set[str] = set()
+
+    def post(self, path: str, body: dict[str, Any] | None = None, status: int = 200) -> Any:
+        response = self.http.post(path, json=body or {})
+        assert response.status_code == status, response.text
+        return response.json()
+
+    def get(self, path: str, **params: Any) -> Any:
+        response = self.http.get(path, params=params)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def plan(self, key: str, entitlements: list[dict[str, Any]], *, default: bool = False,
+             period: dict[str, Any] | None = None, trial: dict[str, Any] | None = None) -> str:
+        plan = self.post("/v1/plans", {"key": key, "default": default}, 201)
+        body: dict[str, Any] = {"key": f"{key}_v", "entitlements": entitlements,
+                                "billing_period": period or {"every": 1, "unit": "month"}}
+        if trial:
+            body["trial_period"] = trial
+        return str(self.post(f"/v1/plans/{plan['id']}/variants", body, 201)["id"])
+
+    def subscribe(self, user: str, variant: str, **extra: Any) -> dict[str, Any]:
+        self.users.add(user)
+        return dict(self.post("/v1/subscriptions", {"end_user_id": user, "plan_variant_id": variant, **extra}, 201))
+
+    def advance(self, seconds: int | None = None, to: str | None = None) -> str:
+        body = {"seconds": seconds} if seconds is not None else {"to": to}
+        return str(self.post("/v1/test_clock/advance", body)["now"])
+
+    def now(self) -> str:
+        return str(self.get("/v1/test_clock")["now"])
+
+    def balance(self, user: str, feature: str) -> dict[str, Any]:
+        self.users.add(user)
+        data = self.get(f"/v1/balances/{user}", feature_key=feature)["data"]
+        return dict(data[0]) if data else {"balance": 0, "reserved": 0, "blocks": []}
+
+    def check(self, user: str, feature: str, units: int = 1) -> dict[str, Any]:
+        self.users.add(user)
+        return dict(self.get("/v1/entitlements/check", end_user_id=user, feature_key=feature, units=units))
+
+    def use(self, user: str, feature: str, units: int, status: int = 201) -> Any:
+        self.users.add(user)
+        return self.post("/v1/usage", {"end_user_id": user, "feature_key": feature, "units": units}, status)
+
+    def live(self, user: str) -> dict[str, Any]:
+        subs = [s for s in self.get("/v1/subscriptions", end_user_id=user)["data"]
+                if s["status"] in ("trialing", "active", "paused")]
+        assert len(subs) == 1, subs
+        return dict(subs[0])
+
+    def assert_conserved(self) -> None:
+        for user in self.users:
+            entries = self.get("/v1/ledger", end_user_id=user, limit=500)
+            assert not entries["has_more"]
+            totals: dict[str, Decimal] = {}
+            for e in entries["data"]:
+                totals[e["feature_key"]] = totals.get(e["feature_key"], Decimal(0)) + SIGN[e["type"]] * Decimal(
+                    str(e["amount"]))
+            for row in self.get(f"/v1/balances/{user}")["data"]:
+                expected = Decimal(str(row["balance"])) + Decimal(str(row["reserved"])) + Decimal(
+                    str(row.get("frozen", 0)))
+                assert totals.get(row["feature_key"], Decimal(0)) == expected, (user, row)
+
+
+@pytest.fixture
+def sb(server: Any) -> Iterator[Sandbox]:
+    sandbox = Sandbox(server.base_url)
+    sandbox.post("/v1/features", {"key": "credits"}, 201)
+    sandbox.post("/v1/features", {"key": "messages"}, 201)
+    yield sandbox
+    sandbox.assert_conserved()
+    sandbox.http.close()
+
+
+def seconds_between(a: str, b: str) -> int:
+    return (parse_rfc3339(b, "b") - parse_rfc3339(a, "a")) // 1_000_000
+
+
+def test_a_monthly_subscription_renews_with_a_fresh_allowance(sb: Sandbox) -> None:
+    variant = sb.plan("pro", [{"feature_key": "credits", "amount": 1000}])
+    sub = sb.subscribe("ann", variant)
+    sb.use("ann", "credits", 300)
+    sb.advance(to=sub["current_period_end"])
+    renewed = sb.live("ann")
+    assert renewed["id"] == sub["id"] and renewed["current_period_start"] == sub["current_period_end"]
+    assert sb.balance("ann", "credits")["balance"] == 1000  # no hoarding: the 700 unused expired
+    types = [e["type"] for e in sb.get("/v1/ledger", end_user_id="ann")["data"]]
+    assert types[:3] == ["grant", "expire", "use"]
+    assert [e["type"] for e in sb.get("/v1/events", type="subscription.renewed")["data"]] == ["subscription.renewed"]
+
+
+def test_a_check_at_the_boundary_instant_sees_the_new_window_before_any_sweep(sb: Sandbox) -> None:
+    variant = sb.plan("chat", [{"feature_key": "messages", "amount": 40, "reset": {"every": 5, "unit": "hour"}}])
+    sub = sb.subscribe("bo", variant)
+    sb.use("bo", "messages", 40)
+    refused = sb.check("bo", "messages")
+    assert (refused["allowed"], refused["reason"], refused["balance"]) == (False, "insufficient_balance", 0)
+    boundary = refused["resets_at"]
+    assert seconds_between(sub["created_at"], boundary) == 5 * HOUR
+    # Move the clock without processing anything: straight to the instant, then ask.
+    sb.http.post("/v1/test_clock/advance", json={"to": boundary})
+    fresh = sb.check("bo", "messages")
+    assert (fresh["allowed"], fresh["balance"]) == (True, 40)
+    assert seconds_between(boundary, fresh["resets_at"]) == 5 * HOUR
+
+
+def test_forty_messages_every_five_hours_never_accumulate(sb: Sandbox) -> None:
+    variant = sb.plan("plus", [{"feature_key": "messages", "amount": 40, "reset": {"every": 5, "unit": "hour"}}])
+    sb.subscribe("cy", variant)
+    sb.advance(seconds=3 * DAY)  # 14 full windows and a part, unused
+    assert sb.balance("cy", "messages")["balance"] == 40
+    grants = sb.get("/v1/ledger", end_user_id="cy", type="grant", limit=100)["data"]
+    expiries = sb.get("/v1/ledger", end_user_id="cy", type="expire", limit=100)["data"]
+    assert (len(grants), len(expiries)) == (15, 14)
+
+
+def test_rollover_carries_unused_credit_up_to_its_cap(sb: Sandbox) -> None:
+    variant = sb.plan("team", [{"feature_key": "credits", "amount": 1000,
+                                "rollover": {"max_amount": 500}}])
+    sub = sb.subscribe("di", variant)
+    sb.use("di", "credits", 200)
+    sb.advance(to=sub["current_period_end"])
+    assert sb.balance("di", "credits")["balance"] == 1500  # 800 unused, 500 carried
+    rollovers = sb.get("/v1/ledger", end_user_id="di", type="rollover")["data"]
+    assert [e["amount"] for e in rollovers] == [500]
+    sb.advance(to=sb.live("di")["current_period_end"])
+    # Already holding 500 of rolled-over credit: nothing more carries, however much was unused.
+    assert sb.balance("di", "credits")["balance"] == 1500
+
+
+def test_rolled_over_credit_expires_after_its_own_life(sb: Sandbox) -> None:
+    variant = sb.plan("exp", [{"feature_key": "credits", "amount": 100,
+                               "rollover": {"max_amount": 100, "expires_after": {"every": 1, "unit": "week"}}}])
+    sub = sb.subscribe("ed", variant)
+    sb.advance(to=sub["current_period_end"])
+    assert sb.balance("ed", "credits")["balance"] == 200
+    sb.advance(seconds=7 * DAY)
+    assert sb.balance("ed", "credits")["balance"] == 100
+
+
+def test_max_balance_caps_every_grant_and_the_ledger_says_so(sb: Sandbox) -> None:
+    variant = sb.plan("cap", [{"feature_key": "credits", "amount": 1000, "max_balance": 1500,
+                               "rollover": {"max_amount": 1000}}])
+    sub = sb.subscribe("fa", variant)
+    sb.advance(to=sub["current_period_end"])
+    assert sb.balance("fa", "credits")["balance"] == 1500
+    grants = sb.get("/v1/ledger", end_user_id="fa", type="grant")["data"]
+    assert grants[0]["amount"] == 500 and grants[0]["reason"] == "max_balance: 500 of 1000 not granted"
+
+
+def test_a_trial_ends_into_the_first_paid_period(sb: Sandbox) -> None:
+    variant = sb.plan("tri", [{"feature_key": "credits", "amount": 100}], trial={"every": 7, "unit": "day"})
+    sub = sb.subscribe("gu", variant)
+    assert sub["status"] == "trialing" and seconds_between(sub["created_at"], sub["trial_end"]) == 7 * DAY
+    assert sub["current_period_end"] == sub["trial_end"]
+    sb.advance(seconds=7 * DAY)
+    after = sb.live("gu")
+    assert after["status"] == "active" and after["current_period_start"] == sub["trial_end"]
+    assert sb.balance("gu", "credits")["balance"] == 100
+
+
+def test_without_auto_renew_it_expires_and_falls_back_to_the_default_plan(sb: Sandbox) -> None:
+    sb.plan("free", [{"feature_key": "credits", "amount": 10}], default=True)
+    paid = sb.plan("paid", [{"feature_key": "credits", "amount": 1000}])
+    sub = sb.subscribe("ha", paid, auto_renew=False)
+    sb.advance(to=sub["current_period_end"])
+    assert sb.get(f"/v1/subscriptions/{sub['id']}")["status"] == "expired"
+    fallback = sb.live("ha")
+    assert fallback["default_plan"] is True and fallback["current_period_start"] == sub["current_period_end"]
+    assert sb.balance("ha", "credits")["balance"] == 10
+
+
+def test_cancel_at_period_end_then_immediately(sb: Sandbox) -> None:
+    variant = sb.plan("c", [{"feature_key": "credits", "amount": 100}])
+    sub = sb.subscribe("io", variant)
+    pending = sb.post(f"/v1/subscriptions/{sub['id']}/cancel", {"at": "period_end"})
+    assert pending["cancel_at_period_end"] is True and pending["status"] == "active"
+    sb.advance(to=sub["current_period_end"])
+    assert sb.get(f"/v1/subscriptions/{sub['id']}")["status"] == "canceled"
+    assert sb.balance("io", "credits")["balance"] == 0
+    other = sb.subscribe("jo", variant)
+    before = sb.now()
+    done = sb.post(f"/v1/subscriptions/{other['id']}/cancel", {"at": "immediately"})
+    assert done["status"] == "canceled" and before <= done["ended_at"] <= sb.now()
+    assert sb.balance("jo", "credits")["balance"] == 0
+    again = sb.http.post(f"/v1/subscriptions/{other['id']}/cancel", json={})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_state"
+
+
+def test_pause_freezes_plan_credits_and_resume_moves_the_period(sb: Sandbox) -> None:
+    variant = sb.plan("p", [{"feature_key": "credits", "amount": 100}])
+    sub = sb.subscribe("ka", variant)
+    sb.post("/v1/grants", {"end_user_id": "ka", "feature_key": "credits", "amount": 5}, 201)
+    paused = sb.post(f"/v1/subscriptions/{sub['id']}/pause")
+    assert paused["status"] == "paused"
+    check = sb.check("ka", "credits", units=6)
+    assert (check["allowed"], check["reason"], check["balance"]) == (False, "subscription_paused", 5)
+    sb.use("ka", "credits", 5)  # the grant is not the plan's: still spendable
+    frozen = sb.balance("ka", "credits")
+    assert (frozen["balance"], frozen["frozen"]) == (0, 100)
+    sb.advance(seconds=40 * DAY)  # past the period end: nothing renews, expires or resets
+    assert sb.balance("ka", "credits")["frozen"] == 100
+    resumed = sb.post(f"/v1/subscriptions/{sub['id']}/resume")
+    assert resumed["status"] == "active"
+    assert seconds_between(sub["current_period_end"], resumed["current_period_end"]) == 40 * DAY
+    block = sb.balance("ka", "credits")["blocks"][0]
+    assert block["expires_at"] == resumed["current_period_end"] and block["remaining"] == 100
+    wrong = sb.http.post(f"/v1/subscriptions/{sub['id']}/resume", json={})
+    assert wrong.status_code == 409 and wrong.json()["error"]["code"] == "invalid_state"
+
+
+def test_an_immediate_change_replaces_the_allowance_less_what_was_used(sb: Sandbox) -> None:
+    basic = sb.plan("basic", [{"feature_key": "credits", "amount": 1000}])
+    pro = sb.plan("pro2", [{"feature_key": "credits", "amount": 5000}])
+    sub = sb.subscribe("li", basic)
+    sb.use("li", "credits", 300)
+    changed = sb.post(f"/v1/subscriptions/{sub['id']}/change", {"plan_variant_id": pro})
+    assert changed["plan_variant_id"] == pro and changed["current_period_end"] == sub["current_period_end"]
+    assert sb.balance("li", "credits")["balance"] == 4700
+    down = sb.post(f"/v1/subscriptions/{sub['id']}/change", {"plan_variant_id": basic})
+    assert down["plan_variant_id"] == basic
+    assert sb.balance("li", "credits")["balance"] == 700
+
+
+def test_a_change_at_period_end_is_scheduled_until_the_boundary(sb: Sandbox) -> None:
+    basic = sb.plan("b2", [{"feature_key": "credits", "amount": 100}])
+    pro = sb.plan("p2", [{"feature_key": "credits", "amount": 900}])
+    sub = sb.subscribe("mo", basic)
+    scheduled = sb.post(f"/v1/subscriptions/{sub['id']}/change", {"plan_variant_id": pro, "timing": "period_end"})
+    assert scheduled["scheduled_change"]["plan_variant_id"] == pro and scheduled["plan_variant_id"] == basic
+    assert sb.balance("mo", "credits")["balance"] == 100
+    sb.advance(to=sub["current_period_end"])
+    after = sb.live("mo")
+    assert after["plan_variant_id"] == pro and after["scheduled_change"] is None
+    assert sb.balance("mo", "credits")["balance"] == 900
+
+
+def test_renew_starts_the_next_period_now(sb: Sandbox) -> None:
+    variant = sb.plan("r", [{"feature_key": "credits", "amount": 100}])
+    sub = sb.subscribe("ni", variant, auto_renew=False)
+    sb.use("ni", "credits", 60)
+    sb.advance(seconds=10 * DAY)
+    renewed = sb.post(f"/v1/subscriptions/{sub['id']}/renew")
+    assert seconds_between(sub["current_period_start"], renewed["current_period_start"]) == 10 * DAY
+    assert sb.balance("ni", "credits")["balance"] == 100
+    assert [e["type"] for e in sb.get("/v1/events", type="subscription.renewed")["data"]] == ["subscription.renewed"]
+
+
+def test_the_test_clock_is_sandbox_only_and_never_goes_back(sb: Sandbox) -> None:
+    live = httpx.post(f"{sb.http.base_url}/v1/test_clock/advance", json={"seconds": 1},
+                      headers={"Authorization": f"Bearer {sb.keys[1]['key']}"})
+    assert live.status_code == 403 and live.json()["error"]["code"] == "forbidden_in_live"
+    now = sb.now()
+    back = sb.http.post("/v1/test_clock/advance", json={"to": format_rfc3339(parse_rfc3339(now, "n") - 10**6)})
+    assert back.status_code == 400 and back.json()["error"]["code"] == "invalid_request"
+    assert seconds_between(now, sb.advance(seconds=90)) == 90
+
+
+def test_priced_overage_is_summarised_at_period_end(sb: Sandbox) -> None:
+    variant = sb.plan("meter", [{"feature_key": "credits", "amount": 100, "overage": "allow", "pricing": {
+        "mode": "graduated", "currency": "USD",
+        "tiers": [{"up_to": 1000, "unit_price": "0.01"}, {"up_to": None, "unit_price": "0.005"}]}}])
+    sub = sb.subscribe("ol", variant)
+    used = sb.use("ol", "credits", 1600)
+    assert used["overage"] == 1500
+    sb.advance(to=sub["current_period_end"])
+    summaries = sb.get("/v1/events", type="usage.period_summary")["data"]
+    assert len(summaries) == 1
+    data = summaries[0]["data"]
+    assert (data["units"], data["overage_units"], data["pricing"]["amount"]) == (1600, 1500, 12.5)
