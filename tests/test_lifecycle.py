@@ -308,3 +308,17 @@ def test_priced_overage_is_summarised_at_period_end(sb: Sandbox) -> None:
     assert len(summaries) == 1
     data = summaries[0]["data"]
     assert (data["units"], data["overage_units"], data["pricing"]["amount"]) == (1600, 1500, 12.5)
+
+
+def test_a_refund_to_an_expired_block_is_lost_and_counts_against_what_is_left(sb: Sandbox) -> None:
+    # Found by the property test: a refund skipped for an expired block stayed refundable.
+    variant = sb.plan("rf", [{"feature_key": "credits", "amount": 100}])
+    sub = sb.subscribe("pe", variant)
+    usage = sb.use("pe", "credits", 30)
+    sb.advance(to=sub["current_period_end"])
+    lost = sb.post("/v1/refunds", {"usage_id": usage["id"], "amount": 10}, 201)
+    assert (lost["requested"], lost["amount"]) == (10, 0)
+    assert lost["skipped"] == [{"block_id": usage["entries"][0]["block_id"], "amount": 10, "reason": "block expired"}]
+    too_much = sb.http.post("/v1/refunds", json={"usage_id": usage["id"], "amount": 21})
+    assert too_much.status_code == 400 and too_much.json()["error"]["message"] == "at most 20 can be refunded"
+    assert sb.balance("pe", "credits")["balance"] == 100

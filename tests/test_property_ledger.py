@@ -1,5 +1,6 @@
 """Random sequences of grants, usage, voids, reservations, commits, releases, refunds, clock
-advances (which expire reservations) and retried requests, against a block-level model.
+advances (which reset the plan's daily allowance and expire reservations) and retried requests,
+against a block-level model.
 
 After every step, for every end user: the ledger adds up to balance + reserved (API.md §8),
 nothing is negative, and balance and reserved are what the model says. Retries with the same
@@ -113,12 +114,13 @@ def test_ledger_state_machine(server: Any) -> None:
             assert self.client.post("/v1/features", json={"key": "credits", "precision": 2}).status_code == 201
             plan = self.client.post("/v1/plans", json={"key": "p"}).json()
             variant = self.client.post(f"/v1/plans/{plan['id']}/variants", json={
-                "key": "v", "entitlements": [{"feature_key": "credits", "amount": str(PLAN_ALLOWANCE)}]}).json()
+                "key": "v", "entitlements": [{"feature_key": "credits", "amount": str(PLAN_ALLOWANCE),
+                                              "reset": {"every": 1, "unit": "day"}}]}).json()
             sub = self.client.post("/v1/subscriptions", json={"end_user_id": "u0", "plan_variant_id": variant["id"]})
             assert sub.status_code == 201
             self.model = Model()
-            plan_block = self.client.get("/v1/balances/u0").json()["data"][0]["blocks"][0]["id"]
-            self.model.blocks[plan_block] = ModelBlock("u0", PLAN_ALLOWANCE, (0, 0))
+            self.plan_block = self.client.get("/v1/balances/u0").json()["data"][0]["blocks"][0]["id"]
+            self.model.blocks[self.plan_block] = ModelBlock("u0", PLAN_ALLOWANCE, (0, 0))
             self.clock = 0
             self.keys = 0
 
@@ -251,11 +253,21 @@ def test_ledger_state_machine(server: Any) -> None:
             too_much = self.post("/v1/refunds", {field_name: ref, "amount": str(rest + 1)}, None)
             assert too_much.status_code == 400 and too_much.json()["error"]["code"] == "invalid_amount"
 
-        @rule(seconds=st.sampled_from([30, 61, 900]))
+        @rule(seconds=st.sampled_from([30, 61, 900, 86_400]))
         def advance_clock(self, seconds: int) -> None:
+            # Only whole days cross the plan's daily boundary: the short steps add up to far less
+            # than a day, so the real time that also passes can never cross one by itself.
             response = self.post("/v1/test_clock/advance", {"seconds": seconds}, None)
             assert response.status_code == 200, response.text
             self.clock += seconds
+            if seconds == 86_400:
+                # The day's allowance expires (what reservations hold from it is lost on release)
+                # and the next day's is granted: a new block, first in burn-down order.
+                self.model.blocks[self.plan_block].alive = False
+                grants = self.client.get("/v1/ledger", params={"end_user_id": "u0", "type": "grant"}).json()
+                self.plan_block = grants["data"][0]["block_id"]
+                days = len([b for b in self.model.blocks.values() if b.order[0] == 0])
+                self.model.blocks[self.plan_block] = ModelBlock("u0", PLAN_ALLOWANCE, (0, days))
             for rsv, status in self.model.status.items():
                 if status == "held" and self.model.expiry[rsv] <= self.clock:
                     self.model.release(rsv)

@@ -1,8 +1,9 @@
 """Refunds: credits charged by a usage or a committed reservation go back to their blocks.
 
-Never more than was charged (less what earlier refunds returned). The refund walks the charge's
+Never more than was charged, less what earlier refunds took. Refunds consume the charge's
 ``use``/``commit`` entries in the order they were written; a block that has expired or been
-voided since gets nothing back, and the refund lists what it skipped.
+voided since gets nothing back (that part of the refund is lost with the block), and the refund
+lists what it skipped.
 """
 
 from __future__ import annotations
@@ -38,33 +39,34 @@ def refund(tx: Tx, ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
     precision = Features(tx, ctx.env_id).precision(feature_key)
     tx.lock_end_user(ctx.env_id, end_user_id, ctx.now_us)
     account = Account(tx, ctx, end_user_id, feature_key, precision)
-    # What each block gave, less what refunds already returned to it.
-    owed: dict[str, int] = {}
-    for entry in charges:
-        sign = -1 if entry["type"] == "refund" else 1
-        owed[entry["block_id"]] = owed.get(entry["block_id"], 0) + sign * entry["amount"]
-    refundable = sum(owed.values())
+    # Refunds consume the charge in the order it was drawn: skip what earlier refunds took
+    # (including any part that went to a block that had expired by then), then take this one.
+    column = "usage_id" if usage_id is not None else "reservation_id"
+    already = tx.refunded(ctx.env_id, column, usage_id or reservation_id)
+    charged = sum(e["amount"] for e in charges)
+    refundable = charged - already
     requested = refundable if data.get("amount") is None else to_minor(data["amount"], precision, "amount")
     if requested > refundable:
         raise InvalidAmount(f"at most {views.amount(refundable, precision)} can be refunded", "amount")
     if requested == 0:
         raise InvalidAmount("nothing is left to refund", "amount")
-    left = requested
+    skip, left = already, requested
     entries, skipped = [], []
-    for block_id, amount in owed.items():
-        if left == 0:
-            break
-        take = min(left, amount)
+    for charge in charges:
+        portion = charge["amount"]
+        passed = min(skip, portion)
+        skip -= passed
+        take = min(left, portion - passed)
         if take <= 0:
             continue
         left -= take
-        row = account.block_row(block_id)
+        row = account.block_row(charge["block_id"])
         if row["status"] != "active" or (row["expires_at_us"] is not None and row["expires_at_us"] <= ctx.now_us):
-            skipped.append({"block_id": block_id, "amount": views.amount(take, precision),
-                            "reason": f"block {row['status']}"})
+            skipped.append({"block_id": row["id"], "amount": views.amount(take, precision),
+                            "reason": f"block {row['status'] if row['status'] != 'active' else 'expired'}"})
             continue
         entries.append(account.move(row, "refund", take, usage_id=usage_id, reservation_id=reservation_id,
-                                     reason="refund"))
+                                    reason="refund"))
     refunded = sum(e["amount"] for e in entries)
     record = {"id": new_id("rfd"), "env_id": ctx.env_id, "end_user_id": end_user_id, "feature_key": feature_key,
               "usage_id": usage_id, "reservation_id": reservation_id, "requested": requested,

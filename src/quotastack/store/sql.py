@@ -219,11 +219,17 @@ class SqlTx:
             {"e": env_id, "n": now_us, "l": limit, "u": end_user_id})
 
     def charges(self, env_id: int, column: str, object_id: str) -> list[Row]:
-        """The use, commit and refund entries of one usage or reservation, in order."""
+        """The use and commit entries of one usage or reservation, in order."""
         assert column in ("usage_id", "reservation_id")
         return self.all(
             f"SELECT * FROM ledger_entries WHERE env_id = :e AND {column} = :i "
-            "AND type IN ('use', 'commit', 'refund') ORDER BY seq", {"e": env_id, "i": object_id})
+            "AND type IN ('use', 'commit') ORDER BY seq", {"e": env_id, "i": object_id})
+
+    def refunded(self, env_id: int, column: str, object_id: str) -> int:
+        """What earlier refunds of one usage or reservation took (given back or lost)."""
+        assert column in ("usage_id", "reservation_id")
+        return int(self.scalar(f"SELECT COALESCE(SUM(requested), 0) FROM refunds WHERE env_id = :e "
+                               f"AND {column} = :i", {"e": env_id, "i": object_id}))
 
     def environments(self) -> list[Row]:
         return self.all("SELECT * FROM environments ORDER BY id")
