@@ -25,8 +25,10 @@ def free_port() -> int:
 class ServerProcess:
     """``quotastack serve`` in its own process group, so that a kill takes its workers too."""
 
-    def __init__(self, db_url: str, workers: int = 1, port: int | None = None) -> None:
+    def __init__(self, db_url: str, workers: int = 1, port: int | None = None,
+                 sweep_interval_seconds: float = 1) -> None:
         self.db_url = db_url
+        self.sweep_interval_seconds = sweep_interval_seconds
         self.workers = workers
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -34,7 +36,7 @@ class ServerProcess:
 
     def start(self) -> None:
         env = os.environ | {"QUOTASTACK_DATABASE_URL": self.db_url, "QUOTASTACK_OPERATOR_KEY": OPERATOR_KEY,
-                            "QUOTASTACK_SWEEP_INTERVAL_SECONDS": "1"}
+                            "QUOTASTACK_SWEEP_INTERVAL_SECONDS": str(self.sweep_interval_seconds)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "quotastack.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", str(self.workers), "--log-level", "warning"],

@@ -44,6 +44,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """The sweep alone, for deployments that run API processes with the sweep turned off."""
+    import time
+
+    from .api.auth import now_us
+    from .service.sweep import sweep
+    from .store import open_database
+
+    db = open_database(database_url())
+    print(f"QuotaStack worker (database: {database_url()}, every {args.interval} s)", flush=True)
+    try:
+        while True:
+            settled = db.retrying(sweep, db, now_us())
+            if settled and args.verbose:
+                print(f"settled {settled}", flush=True)
+            if args.once:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        db.close()
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .store import open_database
 
@@ -86,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run the background sweep (renewals, resets, expiries) alone")
+    worker.add_argument("--interval", type=float, default=5.0, help="seconds between sweeps")
+    worker.add_argument("--once", action="store_true", help="sweep once and exit")
+    worker.add_argument("--verbose", action="store_true")
+    worker.set_defaults(func=cmd_worker)
 
     migrate = sub.add_parser("migrate", help="apply schema migrations and exit")
     migrate.set_defaults(func=cmd_migrate)

@@ -283,9 +283,14 @@ def seed_calls(client: httpx.Client, variant_id: str) -> None:
 
 @dataclass
 class Stats:
-    """What a replay did. ``calls`` names the timed API calls, in the order they are reported."""
+    """What a replay did.
+
+    ``calls`` names the timed API calls and ``refusals`` the ways a request can be refused, both in
+    the order they are reported.
+    """
 
     calls: tuple[str, ...]
+    refusals: tuple[str, ...]
     sent: int = 0
     accepted: int = 0
     released: int = 0
@@ -301,6 +306,8 @@ class Stats:
     def __post_init__(self) -> None:
         for call in self.calls:
             self.client_ms[call], self.server_ms[call] = [], []
+        for how in self.refusals:
+            self.refused_by[how] = 0
 
     @property
     def refused(self) -> int:
@@ -437,8 +444,7 @@ def split_by_user(rows: list[Row], workers: int) -> list[list[Row]]:
 
 async def replay_azure(replay: Replay, rows: list[Row], end_users: list[str]) -> Stats:
     """``concurrency`` workers side by side, each replaying its own end users' rows in order."""
-    stats = Stats(calls=("check", "usage"))
-    stats.refused_by.update({"by the check": 0, "by usage with 402": 0})
+    stats = Stats(calls=("check", "usage"), refusals=("by the check", "by usage with 402"))
     async with api_client(replay.base_url, replay.api_key, replay.concurrency) as client:
         await subscribe_all(client, end_users, replay.variant_id, stats, replay.concurrency)
         progress = Progress(len(rows), stats)
@@ -510,8 +516,7 @@ async def replay_mooncake(replay: Replay, rows: list[Row], end_users: list[str])
     Without ``speed``, a burst starts when the one before it has finished; with it, each burst
     starts at its trace time divided by ``speed``, whether or not earlier bursts are done.
     """
-    stats = Stats(calls=("reserve", "commit", "release"))
-    stats.refused_by["by reserve with 402"] = 0
+    stats = Stats(calls=("reserve", "commit", "release"), refusals=("by reserve with 402",))
     gate = asyncio.Semaphore(replay.concurrency)
     async with api_client(replay.base_url, replay.api_key, replay.concurrency) as client:
         await subscribe_all(client, end_users, replay.variant_id, stats, replay.concurrency)
@@ -526,13 +531,12 @@ async def replay_mooncake(replay: Replay, rows: list[Row], end_users: list[str])
         first_ms = int(rows[0].timestamp)
         running: list[Awaitable[Any]] = []
         for burst in bursts(rows):
-            launched = asyncio.gather(*(request(row) for row in burst))  # starts them all now
             if replay.speed is None:
-                await launched
+                await asyncio.gather(*(request(row) for row in burst))
                 continue
-            running.append(launched)
             due = (int(burst[0].timestamp) - first_ms) / 1000 / replay.speed
             await asyncio.sleep(max(0.0, due - (time.monotonic() - started)))
+            running.append(asyncio.gather(*(request(row) for row in burst)))  # starts them now
         await asyncio.gather(*running)
     return stats
 

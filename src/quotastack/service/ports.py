@@ -107,6 +107,10 @@ class Database(Protocol):
         """A read-only view of the latest committed state."""
         ...
 
+    def retrying(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` (which opens its own transactions), again after a transient conflict."""
+        ...
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking store work from async code (inline on SQLite, in a thread elsewhere)."""
         ...

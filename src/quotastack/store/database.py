@@ -81,6 +81,10 @@ class SqliteDatabase:
         finally:
             cur.close()
 
+    def retrying(self, fn: Callable[..., T], *args: Any) -> T:
+        """SQLite transactions never fail on a conflict (they wait for the lock): run once."""
+        return fn(*args)
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
 
