@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-from .conftest import Api, assert_error, feature, grant, subscribe, variant
+from .conftest import Api, assert_error, feature, grant, variant
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 
@@ -269,9 +269,3 @@ def test_invalid_packs_are_refused(api: Api) -> None:
         assert_error(api.post("/v1/packs", body), status, code, param)
     assert [p["key"] for p in api.ok("GET", "/v1/packs")["data"]] == ["p"]
 
-
-def test_a_subscribed_variant_still_reads_the_same(api: Api) -> None:
-    feature(api, "api_calls")
-    created = variant(api, [{"feature_key": "api_calls", "amount": 10}])
-    subscribe(api, "u1", created["id"])
-    assert api.ok("GET", f"/v1/plan_variants/{created['id']}") == created

@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from .conftest import Api, assert_error, feature, grant, ledger, subscribe, use, variant
+from .conftest import Api, assert_error, feature, grant, ledger, shifted, subscribe, use, variant
 
 
 def check(api: Api, end_user_id: str, feature_key: str, **params: Any) -> dict[str, Any]:
@@ -135,3 +135,15 @@ def test_the_entitlements_list_checks_every_feature(api: Api) -> None:
     for entry in listed["data"]:
         assert entry == check(api, "u1", entry["feature_key"])
     assert_error(api.get("/v1/entitlements"), 400, "invalid_request", "end_user_id")
+
+
+def test_resets_at_is_the_end_of_the_entitlements_reset_window(api: Api) -> None:
+    feature(api, "messages")
+    plan_variant = variant(api, [{"feature_key": "messages", "amount": 40, "reset": {"every": 5, "unit": "hour"}}],
+                           billing_period={"every": 1, "unit": "day"})
+    sub = subscribe(api, "u1", plan_variant["id"])
+    window_end = shifted(sub["current_period_start"], hours=5)
+    result = check(api, "u1", "messages")
+    assert (result["balance"], result["resets_at"]) == (40, window_end)
+    [block] = api.ok("GET", "/v1/balances/u1", params={"feature_key": "messages"})["data"][0]["blocks"]
+    assert (block["source"], block["expires_at"]) == ("plan", window_end)

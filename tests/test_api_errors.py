@@ -7,6 +7,7 @@ with nothing persisted).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -153,6 +154,13 @@ def test_voiding_a_voided_block_is_409_invalid_state(api: Api) -> None:
     assert error["message"] == f"credit block {block['id']} is voided"
 
 
+def test_resuming_an_active_subscription_is_409_invalid_state(api: Api) -> None:
+    sub = subscribe(api, "u1", variant(api, [])["id"])
+    error = assert_error(api.post(f"/v1/subscriptions/{sub['id']}/resume"), 409, "invalid_state")
+    assert error["type"] == "state_error"
+    assert api.ok("GET", f"/v1/subscriptions/{sub['id']}") == sub
+
+
 def test_a_second_subscription_is_409_subscription_exists(api: Api) -> None:
     feature(api, "credits")
     plan_variant = variant(api, [])
@@ -285,6 +293,35 @@ def test_a_bug_after_writes_is_500_and_nothing_is_persisted(api: Api, monkeypatc
     retried = use(api, "u1", "credits", "2.5", key="use-1")  # the key was not stored either
     assert (retried.status, retried.replayed) == (201, False)
     assert assert_conserved(api, "u1", "credits") == Decimal("7.5")
+
+
+def test_a_500_keeps_the_connection_for_the_next_request(server: Server, api: Api,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two pipelined requests on one connection: the server must answer both. (The framework
+    # re-raises a handled bug to the server, which then dropped the connection under the second.)
+    feature(api, "credits")
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(usage_service, "record_usage", broken)
+    host, port = server.base_url.removeprefix("http://").split(":")
+    body = b'{"end_user_id": "u1", "feature_key": "credits", "units": 1}'
+    first = (b"POST /v1/usage HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + api.key.encode() +
+             b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    second = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(first + second)
+        received = b""
+        while b'{"status":"ok"}' not in received:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 500 ")
+    assert b'"code":"internal_error"' in received
+    assert b'"}}HTTP/1.1 200 OK\r\n' in received  # the 500's body, then the second response
+    assert received.endswith(b'{"status":"ok"}')
 
 
 def test_a_bug_in_a_grant_leaves_no_block(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:

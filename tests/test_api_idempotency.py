@@ -31,38 +31,45 @@ def test_a_replayed_mutation_returns_the_first_response_and_changes_nothing(api:
 
 
 def test_every_kind_of_mutation_replays(api: Api) -> None:
-    calls: list[tuple[str, Any]] = [
-        ("/v1/features", {"key": "credits"}),
-        ("/v1/plans", {"key": "pro"}),
-        ("/v1/packs", {"key": "boost", "feature_key": "credits", "amount": 10}),
-    ]
-    firsts = [api.post(path, body, key=f"k{i}") for i, (path, body) in enumerate(calls)]
-    plan_id = firsts[1].body["id"]
-    more: list[tuple[str, Any]] = [
-        (f"/v1/plans/{plan_id}/variants", {"key": "pro_m", "entitlements": [{"feature_key": "credits", "amount": 3}]}),
-        ("/v1/packs/boost/purchase", {"end_user_id": "u1"}),
-        ("/v1/usage", {"end_user_id": "u1", "feature_key": "credits", "units": 2}),
-        ("/v1/usage/batch", {"events": [{"end_user_id": "u1", "feature_key": "credits", "units": 1}]}),
-        ("/v1/reservations", {"end_user_id": "u1", "feature_key": "credits", "units": 1}),
-        ("/v1/api_keys", {"name": "backend", "scopes": ["read"]}),
-    ]
-    for i, (path, body) in enumerate(more, start=len(calls)):
-        firsts.append(api.post(path, body, key=f"k{i}"))
-        calls.append((path, body))
-    calls.append(("/v1/subscriptions", {"end_user_id": "u2", "plan_variant_id": firsts[3].body["id"]}))
-    firsts.append(api.post(*calls[-1], key=f"k{len(calls) - 1}"))
-    calls.append((f"/v1/grants/{firsts[4].body['id']}/void", None))
-    firsts.append(api.post(calls[-1][0], key=f"k{len(calls) - 1}"))
-    assert [f.status for f in firsts] == [201, 201, 201, 201, 201, 201, 200, 201, 201, 201, 200]
-    entries = ledger(api)
-    for i, (path, body) in enumerate(calls):
-        assert_replay(firsts[i], api.post(path, body, key=f"k{i}"))
+    sent: list[tuple[str, str, Any, Reply]] = []
+
+    def once(path: str, body: Any = None, method: str = "POST") -> Any:
+        reply = api.call(method, path, body, key=f"k{len(sent)}")
+        assert reply.status in (200, 201), reply.text
+        sent.append((method, path, body, reply))
+        return reply.body
+
+    once("/v1/features", {"key": "credits"})
+    once("/v1/features/credits", {"name": "Credits"})
+    plan = once("/v1/plans", {"key": "pro"})
+    plan_variant = once(f"/v1/plans/{plan['id']}/variants",
+                        {"key": "pro_m", "entitlements": [{"feature_key": "credits", "amount": 3}]})
+    once("/v1/packs", {"key": "boost", "feature_key": "credits", "amount": 10})
+    block = once("/v1/packs/boost/purchase", {"end_user_id": "u1"})
+    usage = once("/v1/usage", {"end_user_id": "u1", "feature_key": "credits", "units": 2})
+    once("/v1/usage/batch", {"events": [{"end_user_id": "u1", "feature_key": "credits", "units": 1}]})
+    once("/v1/refunds", {"usage_id": usage["id"]})
+    rsv = once("/v1/reservations", {"end_user_id": "u1", "feature_key": "credits", "units": 3})
+    once(f"/v1/reservations/{rsv['id']}/extend", {"ttl_seconds": 60})
+    once(f"/v1/reservations/{rsv['id']}/commit", {"units": 1, "final": False})
+    once(f"/v1/reservations/{rsv['id']}/release")
+    key = once("/v1/api_keys", {"name": "backend", "scopes": ["read"]})
+    once(f"/v1/api_keys/{key['id']}", method="DELETE")
+    once("/v1/subscriptions", {"end_user_id": "u2", "plan_variant_id": plan_variant["id"]})
+    once("/v1/grants", {"end_user_id": "u1", "feature_key": "credits", "amount": 4})
+    once(f"/v1/grants/{block['id']}/void")
+    once("/v1/test_clock/advance", {"seconds": 60})
+    entries, clock = ledger(api), api.ok("GET", "/v1/test_clock")["advanced_seconds"]
+    for i, (method, path, body, first) in enumerate(sent):
+        assert_replay(first, api.call(method, path, body, key=f"k{i}"))
     assert ledger(api) == entries
+    assert api.ok("GET", "/v1/test_clock")["advanced_seconds"] == clock == 60
     assert [f["key"] for f in api.ok("GET", "/v1/features")["data"]] == ["credits"]
-    assert len(api.ok("GET", "/v1/reservations")["data"]) == 1
-    # The pack's 10 credits: 2 + 1 used, 1 reserved, the remaining 6 voided.
-    assert assert_conserved(api, "u1", "credits") == 0
-    assert balance_of(api, "u1", "credits") == (0, 1)
+    assert len(api.ok("GET", "/v1/subscriptions")["data"]) == 1
+    # The pack's 10: 2 + 1 used, 2 refunded, 1 committed, the other 8 voided; then the grant of 4.
+    assert balance_of(api, "u1", "credits") == (4, 0)
+    assert assert_conserved(api, "u1", "credits") == 4
+    assert assert_conserved(api, "u2", "credits") == 3
 
 
 def test_a_402_is_stored_and_replayed_even_after_a_top_up(api: Api) -> None:
@@ -152,9 +159,16 @@ def test_the_same_key_from_16_threads_at_once_has_exactly_one_effect(server: Ser
     lock = threading.Lock()
     start = threading.Barrier(len(clients))
 
+    failures: list[BaseException] = []
+
     def send(client: Api) -> None:
         start.wait()
-        reply = use(client, "u1", "credits", 7, key="race-1")
+        try:
+            reply = use(client, "u1", "credits", 7, key="race-1")
+        except BaseException as exc:  # reported below, with the test's own failure
+            with lock:
+                failures.append(exc)
+            return
         with lock:
             replies.append(reply)
 
@@ -167,9 +181,10 @@ def test_the_same_key_from_16_threads_at_once_has_exactly_one_effect(server: Ser
     finally:
         for client in clients:
             client.close()
-    assert len(replies) == 16
+    outcomes = [(r.status, r.replayed, r.text[:120]) for r in replies]
+    assert not failures and len(replies) == 16, (failures, outcomes)
     done = [r for r in replies if r.status == 201 and not r.replayed]
-    assert len(done) == 1
+    assert len(done) == 1, outcomes
     for reply in replies:
         if reply is done[0]:
             continue

@@ -40,6 +40,11 @@ def assert_invisible(other: Api, owner: Api, made: dict[str, Any]) -> None:
         assert_error(other.get(path), 404, "not_found")
     writes: list[tuple[str, Any, str | None]] = [
         (f"/v1/grants/{made['block']['id']}/void", None, None),
+        (f"/v1/subscriptions/{made['sub']['id']}/pause", None, None),
+        (f"/v1/subscriptions/{made['sub']['id']}/resume", None, None),
+        (f"/v1/subscriptions/{made['sub']['id']}/cancel", {"at": "immediately"}, None),
+        (f"/v1/subscriptions/{made['sub']['id']}/renew", None, None),
+        (f"/v1/subscriptions/{made['sub']['id']}/change", {"plan_variant_id": made["variant"]["id"]}, None),
         (f"/v1/reservations/{made['rsv']['id']}/commit", {"units": 1}, None),
         (f"/v1/reservations/{made['rsv']['id']}/release", None, None),
         (f"/v1/reservations/{made['rsv']['id']}/extend", {"ttl_seconds": 60}, None),
@@ -65,6 +70,7 @@ def assert_invisible(other: Api, owner: Api, made: dict[str, Any]) -> None:
     assert (check["allowed"], check["reason"]) == (False, "unknown_feature")
     # The owner's world is untouched, and the other side may reuse every name.
     assert ledger(owner) == before
+    assert owner.ok("GET", f"/v1/subscriptions/{made['sub']['id']}")["status"] == "active"
     assert balance_of(owner, "u1", "credits") == (25, 2)
     assert assert_conserved(owner, "u1", "credits") == 25
     feature(other, "credits")

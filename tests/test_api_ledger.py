@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .conftest import Api, assert_conserved, assert_error, feature, grant, ledger, shifted, subscribe, use, variant
+from .conftest import (Api, Tenant, assert_conserved, assert_error, feature, grant, ledger, shifted, subscribe, use,
+                       variant)
 
 ENTRY_FIELDS = {"id", "object", "type", "end_user_id", "feature_key", "block_id", "amount", "balance_after",
                 "reserved_after", "usage_id", "reservation_id", "subscription_id", "reason", "created_at", "metadata"}
@@ -140,7 +141,7 @@ def test_a_refused_request_writes_no_event(api: Api) -> None:
 
 # ---- audit log ------------------------------------------------------------------------------------------
 
-def test_the_audit_log_records_every_successful_mutation(api: Api, tenant: Any) -> None:
+def test_the_audit_log_records_every_successful_mutation(api: Api, tenant: Tenant) -> None:
     created = api.post("/v1/features", {"key": "credits"})
     granted = api.post("/v1/grants", {"end_user_id": "u1", "feature_key": "credits", "amount": 5}, key="g-1")
     api.post("/v1/grants", {"end_user_id": "u1", "feature_key": "credits", "amount": 5}, key="g-1")  # replay

@@ -17,7 +17,12 @@ def raw(api: Api, path: str, text: str) -> Reply:
 def number_tokens(text: str) -> list[str]:
     """Every non-integer JSON number in ``text``, exactly as written."""
     found: list[str] = []
-    json.loads(text, parse_float=lambda token: found.append(token) or Decimal(token))  # type: ignore[func-returns-value]
+
+    def keep(token: str) -> Decimal:
+        found.append(token)
+        return Decimal(token)
+
+    json.loads(text, parse_float=keep)
     return found
 
 

@@ -220,3 +220,16 @@ def test_reservations_of_a_credit_pool_feature_hold_pool_credits(api: Api) -> No
     done = api.ok("POST", f"/v1/reservations/{rsv['id']}/commit", {"units": 1})
     assert (done["committed_amount"], done["balance"]) == (Decimal("2.5"), Decimal("17.5"))
     assert assert_conserved(api, "u1", "ai_credits") == Decimal("17.5")
+
+
+def test_the_balance_at_a_past_moment_shows_what_was_reserved_then(api: Api) -> None:
+    # Regression: a past ?at= always reported reserved 0.
+    funded(api)
+    rsv = reserve(api, 4).body
+    api.ok("POST", "/v1/test_clock/advance", {"seconds": 60})
+    api.ok("POST", f"/v1/reservations/{rsv['id']}/release")
+    then = api.ok("GET", "/v1/balances/u1", params={"feature_key": "credits",
+                                                    "at": shifted(rsv["created_at"], seconds=30)})["data"]
+    assert [(d["balance"], d["reserved"]) for d in then] == [(6, 4)]
+    assert balance_of(api, "u1", "credits") == (10, 0)
+    assert assert_conserved(api, "u1", "credits") == 10

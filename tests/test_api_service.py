@@ -51,7 +51,12 @@ def test_openapi_json_documents_every_route(anonymous: Api) -> None:
         "/v1/grants", "/v1/grants/{block_id}", "/v1/grants/{block_id}/void", "/v1/balances/{end_user_id}",
         "/v1/entitlements/check", "/v1/entitlements", "/v1/usage", "/v1/usage/batch", "/v1/usage/summary",
         "/v1/usage/{usage_id}", "/v1/ledger", "/v1/ledger/{entry_id}", "/v1/events", "/v1/events/{event_id}",
-        "/v1/audit_log", "/v1/test_clock", "/v1/test_clock/advance",
+        "/v1/audit_log", "/v1/test_clock", "/v1/test_clock/advance", "/v1/reservations",
+        "/v1/reservations/{reservation_id}", "/v1/reservations/{reservation_id}/commit",
+        "/v1/reservations/{reservation_id}/release", "/v1/reservations/{reservation_id}/extend", "/v1/refunds",
+        "/v1/subscriptions/{subscription_id}/change", "/v1/subscriptions/{subscription_id}/pause",
+        "/v1/subscriptions/{subscription_id}/resume", "/v1/subscriptions/{subscription_id}/cancel",
+        "/v1/subscriptions/{subscription_id}/renew",
     }
     assert expected <= set(reply.body["paths"])
     usage = reply.body["paths"]["/v1/usage"]["post"]

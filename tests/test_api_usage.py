@@ -135,8 +135,7 @@ def test_a_batch_records_each_event_on_its_own(api: Api) -> None:
         ("not_found", "events[3].feature_key"), ("invalid_amount", "events[4].units")]
     assert all(r["error"]["request_id"] == reply.headers["Request-Id"] for r in results if "error" in r)
     assert [(r["usage"]["units"], r["usage"]["balance"]) for r in results if "usage" in r] == [(4, 6), (6, 0)]
-    used = [e for e in ledger(api, type="use")]
-    assert [e["usage_id"] for e in used] == [results[5]["usage"]["id"], results[0]["usage"]["id"]]
+    assert [e["usage_id"] for e in ledger(api, type="use")] == [results[5]["usage"]["id"], results[0]["usage"]["id"]]
     assert assert_conserved(api, "u1", "credits") == 0
 
 

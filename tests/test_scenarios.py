@@ -57,7 +57,7 @@ def test_pattern_1_tiered_b2b_saas_with_rollover_and_top_up_packs(sb: Sandbox) -
     assert sb.balance("acme", "credits")["balance"] == 10_000 + 5_000 + 3_000
 
     # Upgrade mid-month: Growth's 50,000 replace Starter's 10,000, less the 2,000 used this month.
-    sb.use("acme", "credits", 2_000)  # from the rollover block: it expires never, the plan's block first
+    sb.use("acme", "credits", 2_000)  # from the plan block: it expires first; rollover never does
     changed = sb.post(f"/v1/subscriptions/{sub['id']}/change", {"plan_variant_id": growth})
     assert changed["plan_variant_id"] == growth
     assert sb.balance("acme", "credits")["balance"] == 48_000 + 5_000 + 3_000
