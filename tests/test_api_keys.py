@@ -118,3 +118,13 @@ def test_requests_without_a_valid_key_are_unauthenticated(server: Server, tenant
         finally:
             client.close()
     assert_error(tenant.sandbox.get("/v1/features/f"), 404, "not_found")  # no 401 request created it
+
+
+def test_listing_keys_never_shows_a_key(tenant: Tenant) -> None:
+    # GET /v1/api_keys answered 500: the table had no seq to order by.
+    minted = mint(tenant.sandbox, "read")
+    listed = tenant.sandbox.ok("GET", "/v1/api_keys")
+    assert [k["id"] for k in listed["data"]][0] == minted["id"]
+    assert len(listed["data"]) == 2
+    assert all("key" not in k for k in listed["data"])
+    assert {k["environment"] for k in listed["data"]} == {"sandbox"}

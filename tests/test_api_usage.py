@@ -192,6 +192,7 @@ def test_graduated_pricing_prices_each_unit_by_its_tier(api: Api) -> None:
         "object": "usage_summary", "end_user_id": "u1", "feature_key": "tokens",
         "from": sub["current_period_start"], "to": sub["current_period_end"], "events": 2,
         "units": 1500, "included_units": 100, "overage_units": 1400,
+        "charged_feature_key": "tokens", "amount": 1500, "overage_amount": 1400,
         "pricing": {"mode": "graduated", "currency": "USD", "amount": Decimal("2.4"), "tiers": [
             {"up_to": 1000, "units": 1000, "unit_price": Decimal("0.002"), "amount": 2},
             {"up_to": None, "units": 400, "unit_price": Decimal("0.001"), "amount": Decimal("0.4")}]}}
@@ -218,3 +219,19 @@ def test_volume_pricing_prices_every_unit_by_the_tier_of_the_total(api: Api) -> 
     assert reply.body["pricing"] == {"mode": "volume", "currency": "USD", "amount": Decimal("2.1"), "tiers": [
         {"up_to": None, "units": 1400, "unit_price": Decimal("0.0015"), "amount": Decimal("2.1")}]}
     assert '"amount":2.1' in reply.text and "2.1000" not in reply.text
+
+
+def test_the_summary_of_a_credit_pool_prices_its_overage_in_credits(api: Api) -> None:
+    # Was: overage credits divided back into units (1.6666…) and priced per credit.
+    feature(api, "pool")
+    feature(api, "img", credit_pool="pool", credits_per_unit=3)
+    var = variant(api, [{"feature_key": "pool", "amount": 10, "overage": "allow", "pricing": {
+        "mode": "graduated", "currency": "USD", "tiers": [{"up_to": None, "unit_price": "0.1"}]}}])
+    subscribe(api, "u1", var["id"])
+    assert use(api, "u1", "img", 5).status == 201  # 15 credits: 10 from the allowance, 5 over
+    pool = api.ok("GET", "/v1/usage/summary", params={"end_user_id": "u1", "feature_key": "pool"})
+    assert (pool["events"], pool["units"], pool["included_units"], pool["overage_units"]) == (1, 15, 10, 5)
+    assert pool["pricing"]["amount"] == Decimal("0.5")
+    img = api.ok("GET", "/v1/usage/summary", params={"end_user_id": "u1", "feature_key": "img"})
+    assert (img["units"], img["amount"], img["overage_amount"], img["overage_units"]) == (5, 15, 5, None)
+    assert img["pricing"]["amount"] == Decimal("0.5")

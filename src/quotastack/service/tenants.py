@@ -24,7 +24,10 @@ def hash_key(key: str) -> str:
 def _mint_key(tx: Tx, env_id: int, environment: str, name: str, scopes: list[str],
               now_us: int) -> dict[str, Any]:
     key = ENVIRONMENTS[environment] + new_secret(24)
-    row = {"id": new_id("key"), "env_id": env_id, "name": name, "key_hash": hash_key(key),
+    # Keys are numbered per environment for ordering; a race for a number fails on the unique
+    # index and the transaction is retried.
+    row = {"id": new_id("key"), "seq": tx.next_key_seq(env_id), "env_id": env_id, "name": name,
+           "key_hash": hash_key(key),
            "key_hint": key[:8] + "…" + key[-4:], "scopes": dumps(scopes), "created_at_us": now_us,
            "revoked_at_us": None}
     tx.insert("api_keys", row)

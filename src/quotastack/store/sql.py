@@ -267,16 +267,19 @@ class SqlTx:
         )
 
     def usage_totals(self, env_id: int, end_user_id: str, feature_key: str, from_us: int | None,
-                     to_us: int | None) -> dict[str, int]:
+                     to_us: int | None, charged_to: bool = False) -> dict[str, int]:
+        """Usage of ``feature_key`` (or, ``charged_to``, all usage charged to its balance)."""
+        column = "charged_feature_key" if charged_to else "feature_key"
         row = self.one(
-            "SELECT COUNT(*) AS events, COALESCE(SUM(units), 0) AS units, "
+            "SELECT COUNT(*) AS events, COALESCE(SUM(units), 0) AS units, COALESCE(SUM(amount), 0) AS amount, "
             "COALESCE(SUM(overage), 0) AS overage FROM usage_events WHERE env_id = :e "
-            "AND end_user_id = :u AND feature_key = :f AND timestamp_us >= :lo AND timestamp_us < :hi",
+            f"AND end_user_id = :u AND {column} = :f AND timestamp_us >= :lo AND timestamp_us < :hi",
             {"e": env_id, "u": end_user_id, "f": feature_key, "lo": -(2**62) if from_us is None else from_us,
              "hi": 2**62 if to_us is None else to_us},
         )
         assert row is not None
-        return {"events": int(row["events"]), "units": int(row["units"]), "overage": int(row["overage"])}
+        return {"events": int(row["events"]), "units": int(row["units"]), "amount": int(row["amount"]),
+                "overage": int(row["overage"])}
 
     # ---- subscription windows ---------------------------------------------------------------------
 
@@ -339,6 +342,9 @@ class SqlTx:
         )
 
     # ---- keys -----------------------------------------------------------------------------------
+
+    def next_key_seq(self, env_id: int) -> int:
+        return int(self.scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM api_keys WHERE env_id = :e", {"e": env_id}))
 
     def key_principal(self, key_hash: str) -> Row | None:
         return self.one(
