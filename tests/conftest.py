@@ -1,7 +1,8 @@
 """Fixtures for the API tests: one real HTTP server on loopback, a fresh tenant per test.
 
-The server is uvicorn in a background thread, serving the real app on a real SQLite file; tests
-talk to it over HTTP with httpx. Every reply is checked for the headers every response must carry
+The server is uvicorn in a background thread (tests/serving.py), serving the real app on a real
+SQLite file and, in a second run of every test, on PostgreSQL; tests talk to it over HTTP with
+httpx. Every reply is checked for the headers every response must carry
 (``Request-Id: req_…`` and ``Server-Timing: app;dur=…``), so no test can forget them.
 """
 
@@ -9,26 +10,19 @@ from __future__ import annotations
 
 import re
 import ssl
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import uvicorn
 
-from quotastack.api import create_app
-from quotastack.api.app import Settings
-from quotastack.store import open_database
+from .serving import OPERATOR_KEY, database_url, engines, serve
+from .serving import Running as Server
 
-OPERATOR_KEY = "test-operator"
 REQUEST_ID = re.compile(r"^req_[0-9a-f]{20}$")
 SERVER_TIMING = re.compile(r"^app;dur=\d+\.\d{3}$")
 # The servers speak plain HTTP on loopback; one TLS context for all clients saves loading the CA
@@ -41,38 +35,10 @@ EFFECTS = {"grant": (1, 0), "refund": (1, 0), "rollover": (1, 0),
            "reserve": (-1, 1), "release": (1, -1), "commit": (0, -1)}
 
 
-@dataclass
-class Server:
-    base_url: str
-    app: Any  # the Edge (api/edge.py); the FastAPI app is ``app.app``
-    db: Any
-
-
-@contextmanager
-def running_server(db_path: Path, settings: Settings | None = None) -> Iterator[Server]:
-    """Serve the app on 127.0.0.1, on a port the OS picks, until the block ends."""
-    db = open_database(f"sqlite:///{db_path}")
-    app = create_app(db, settings or Settings(operator_key=OPERATOR_KEY))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, name="quotastack-test-server", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.005)  # start-up polling, the only sleep in the suite
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield Server(f"http://127.0.0.1:{port}", app, db)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        db.close()
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running_server(tmp_path_factory.mktemp("api") / "x.db") as running:
+@pytest.fixture(scope="session", params=engines())
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real server per engine for the whole session; each test makes its own tenant."""
+    with serve(database_url(request.param, tmp_path_factory.mktemp("api"))) as running:
         yield running
 
 

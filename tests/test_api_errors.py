@@ -22,8 +22,9 @@ from quotastack.service import tenants as tenants_service
 from quotastack.service import usage as usage_service
 from quotastack.service.context import Ctx
 
+from .serving import database_url, serve
 from .conftest import (OPERATOR_KEY, Api, Server, Tenant, assert_conserved, assert_error, balance_of, feature, grant,
-                       ledger, new_tenant, running_server, subscribe, use, variant)
+                       ledger, new_tenant, subscribe, use, variant)
 
 # ---- 400 invalid_request ----------------------------------------------------------------------------------
 
@@ -238,7 +239,8 @@ def test_a_key_still_in_flight_is_409_idempotency_key_in_use(server: Server, ten
 @pytest.fixture
 def limited_server(tmp_path: Path) -> Iterator[Server]:
     # Half a request a second, bursts of one: a second request within a second is refused.
-    with running_server(tmp_path / "limited.db", Settings(operator_key=OPERATOR_KEY,
+    # Rate limits live in the process, whatever the database: SQLite is enough here.
+    with serve(database_url("sqlite", tmp_path), Settings(operator_key=OPERATOR_KEY,
                                                           rate_limit_per_second=0.5)) as running:
         yield running
 
