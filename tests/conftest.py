@@ -20,6 +20,7 @@ import httpx
 import orjson
 import pytest
 
+from .sandbox import Sandbox
 from .serving import OPERATOR_KEY, database_url, engines, serve
 from .serving import Running as Server
 
@@ -40,6 +41,15 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     """One real server per engine for the whole session; each test makes its own tenant."""
     with serve(database_url(request.param, tmp_path_factory.mktemp("api"))) as running:
         yield running
+
+
+@pytest.fixture
+def sb(server: Server) -> Iterator[Sandbox]:
+    """A fresh tenant's sandbox for timelines; the ledger must add up when the test is done."""
+    sandbox = Sandbox(server.base_url)
+    yield sandbox
+    sandbox.assert_conserved()
+    sandbox.http.close()
 
 
 # ---- talking to it ------------------------------------------------------------------------------

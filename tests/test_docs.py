@@ -7,17 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from .serving import OPERATOR_KEY, database_url, engines, serve
+from .serving import OPERATOR_KEY
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-
-
-@pytest.fixture(scope="module", params=engines())
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with serve(database_url(request.param, tmp_path_factory.mktemp("docs"))) as running:
-        yield running
 
 
 def sandbox_key(base_url: str) -> str:

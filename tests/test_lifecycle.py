@@ -5,9 +5,6 @@ Each test makes its own tenant; after each, the ledger adds up for every end use
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -15,23 +12,12 @@ import pytest
 from quotastack.domain.periods import format_rfc3339, parse_rfc3339
 
 from .sandbox import DAY, HOUR, Sandbox, seconds_between
-from .serving import database_url, engines, serve
 
 
-@pytest.fixture(scope="module", params=engines())
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with serve(database_url(request.param, Path(tmp_path_factory.mktemp("life")))) as running:
-        yield running
-
-
-@pytest.fixture
-def sb(server: Any) -> Iterator[Sandbox]:
-    sandbox = Sandbox(server.base_url)
-    sandbox.post("/v1/features", {"key": "credits"}, 201)
-    sandbox.post("/v1/features", {"key": "messages"}, 201)
-    yield sandbox
-    sandbox.assert_conserved()
-    sandbox.http.close()
+@pytest.fixture(autouse=True)
+def features(sb: Sandbox) -> None:
+    sb.post("/v1/features", {"key": "credits"}, 201)
+    sb.post("/v1/features", {"key": "messages"}, 201)
 
 
 def test_a_monthly_subscription_renews_with_a_fresh_allowance(sb: Sandbox) -> None:

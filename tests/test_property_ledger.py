@@ -15,12 +15,11 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, rule
 
-from .serving import OPERATOR_KEY, database_url, engines, serve
+from .serving import OPERATOR_KEY
 
 USERS = ("u0", "u1", "u2")
 # API.md §8: grants + refunds + rollovers - uses - expiries - voids - commits = balance + reserved
@@ -88,12 +87,6 @@ class Model:
         for bid, amount in self.holds.pop(rsv, []):
             if self.blocks[bid].alive:
                 self.blocks[bid].remaining += amount
-
-
-@pytest.fixture(scope="module", params=engines())
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with serve(database_url(request.param, tmp_path_factory.mktemp("prop"))) as running:
-        yield running
 
 
 def test_ledger_state_machine(server: Any) -> None:

@@ -6,28 +6,9 @@ adds up for every end user (API.md §8).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import pytest
 
 from .sandbox import DAY, HOUR, Sandbox
-from .serving import database_url, engines, serve
-
-
-@pytest.fixture(scope="module", params=engines())
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with serve(database_url(request.param, Path(tmp_path_factory.mktemp("scenarios")))) as running:
-        yield running
-
-
-@pytest.fixture
-def sb(server: Any) -> Iterator[Sandbox]:
-    sandbox = Sandbox(server.base_url)
-    yield sandbox
-    sandbox.assert_conserved()
-    sandbox.http.close()
 
 
 def test_pattern_1_tiered_b2b_saas_with_rollover_and_top_up_packs(sb: Sandbox) -> None:

@@ -562,9 +562,11 @@ TRACES = {
     "mooncake": Trace(
         file="mooncake_conversation_trace.jsonl", records=mooncake_records, replay=replay_mooncake,
         concurrency=64,
-        how=(f"per request: POST /v1/reservations (units = input + {number(MAX_OUTPUT_TOKENS)}, the maximum output),",
+        how=(f"per request: POST /v1/reservations (units = input + {number(MAX_OUTPUT_TOKENS)}, "
+             "the maximum output),",
              "then POST /v1/reservations/{id}/commit (units = input + actual output, final),",
-             f"or, for a fixed {FAILED_PERCENT}% of requests (failed generations), POST /v1/reservations/{{id}}/release;",
+             f"or, for a fixed {FAILED_PERCENT}% of requests (failed generations), "
+             "POST /v1/reservations/{id}/release;",
              "each with an Idempotency-Key; rows sharing a timestamp are sent together, as one burst"),
         allowance_note=(f"a reservation holds input + {number(MAX_OUTPUT_TOKENS)} tokens up front, so an end user is "
                         "refused as soon as", "its balance is below that, even when the request would have fit"),

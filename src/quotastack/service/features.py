@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from ..domain.amounts import MAX_MINOR, scale_round
-from ..domain.errors import InvalidAmount, InvalidRequest, NotFound
+from ..domain.errors import InsufficientBalance, InvalidAmount, InvalidRequest, NotFound
 from .ports import Row, Tx
 
 
@@ -71,13 +71,43 @@ def cost(features: Features, feature: Feature, units: int) -> tuple[Feature, int
     return charged, amount
 
 
-def plan_terms(tx: Tx, variant_id: str | None, feature: Feature) -> tuple[Row | None, Row | None]:
-    """The plan's entitlement rows for ``feature`` and for the pool it draws on."""
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """What the end user's plan says of a feature: its own entitlement and its pool's."""
+
+    own: Row | None
+    pool: Row | None
+
+    @property
+    def unlimited(self) -> bool:
+        return bool((self.own and self.own["unlimited"]) or (self.pool and self.pool["unlimited"]))
+
+    @property
+    def governing(self) -> Row | None:
+        """The terms of the balance: the feature's own allowance, else its pool's."""
+        if self.own is not None and self.own["amount"] is not None:
+            return self.own
+        return self.pool or self.own
+
+    @property
+    def allow_overage(self) -> bool:
+        return self.governing is not None and self.governing["overage"] == "allow"
+
+    @property
+    def priced(self) -> Row | None:
+        return self.own if self.own is not None and self.own["pricing"] else self.pool
+
+    def require_enabled(self, feature: Feature) -> None:
+        if self.own is not None and not self.own["enabled"]:
+            raise InsufficientBalance(f"{feature.key} is disabled on the end user's plan", "feature_key")
+
+
+def plan_terms(tx: Tx, variant_id: str | None, feature: Feature) -> Terms:
     if variant_id is None:
-        return None, None
+        return Terms(None, None)
     own = tx.entitlement(variant_id, feature.key)
     pool = tx.entitlement(variant_id, feature.credit_pool) if feature.credit_pool else None
-    return own, pool
+    return Terms(own, pool)
 
 
 def metered(features: Features, key: str) -> Feature:

@@ -63,10 +63,9 @@ def reserve(tx: Tx, ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
     ttl = DEFAULT_TTL_SECONDS if data.get("ttl_seconds") is None else _ttl(data["ttl_seconds"])
     end_user_id = data["end_user_id"]
     sub = ensure_subscription(tx, ctx, end_user_id)
-    own, pool = plan_terms(tx, sub and sub["variant_id"], feature)
-    if own is not None and not own["enabled"]:
-        raise InsufficientBalance(f"{feature.key} is disabled on the end user's plan", "feature_key")
-    unlimited = bool((own and own["unlimited"]) or (pool and pool["unlimited"]))
+    terms = plan_terms(tx, sub and sub["variant_id"], feature)
+    terms.require_enabled(feature)
+    unlimited = terms.unlimited
     reservation_id = new_id("rsv")
     account = Account(tx, ctx, end_user_id, charged.key, charged.precision)
     entries: list[dict[str, Any]] = []
@@ -116,17 +115,17 @@ def commit(tx: Tx, ctx: Ctx, reservation_id: str, data: dict[str, Any]) -> dict[
     _, amount = cost(features, feature, units)
     final = data.get("final", True) is not False
     held = sum(h["amount"] for h in tx.holds_of(reservation_id))
-    unlimited = row["amount"] == 0 and held == 0 and row["committed_amount"] == 0 and _unlimited(tx, ctx, row, feature)
+    sub = tx.live_subscription(ctx.env_id, row["end_user_id"])
+    terms = plan_terms(tx, sub and sub["variant_id"], feature)
+    # A reservation made under an unlimited entitlement holds nothing and charges nothing.
+    unlimited = row["amount"] == 0 and held == 0 and row["committed_amount"] == 0 and terms.unlimited
     usage_id = new_id("use")
     entries: list[dict[str, Any]] = []
     overage = 0
     if not unlimited:
         excess = max(0, amount - held)
         if excess:
-            sub = tx.live_subscription(ctx.env_id, row["end_user_id"])
-            own, pool = plan_terms(tx, sub and sub["variant_id"], feature)
-            terms = own if own is not None and own["amount"] is not None else pool or own
-            allow = terms is not None and terms["overage"] == "allow"
+            allow = terms.allow_overage
             draw = account.draw(excess, usage_id=usage_id, reservation_id=reservation_id, partial=allow,
                                 reason="commit beyond the reservation")
             if draw.shortfall and not allow:
@@ -151,12 +150,6 @@ def commit(tx: Tx, ctx: Ctx, reservation_id: str, data: dict[str, Any]) -> dict[
     updated = tx.get("reservations", id=reservation_id)
     assert updated is not None
     return view(tx, ctx, updated, account, entries) | {"usage_id": usage_id}
-
-
-def _unlimited(tx: Tx, ctx: Ctx, row: Row, feature: Any) -> bool:
-    sub = tx.live_subscription(ctx.env_id, row["end_user_id"])
-    own, pool = plan_terms(tx, sub and sub["variant_id"], feature)
-    return bool((own and own["unlimited"]) or (pool and pool["unlimited"]))
 
 
 def release(tx: Tx, ctx: Ctx, reservation_id: str) -> dict[str, Any]:

@@ -44,8 +44,7 @@ def summary(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, from_us: int |
         "overage_units": None if pooled else overage,
         "charged_feature_key": charged.key, "amount": amount, "overage_amount": overage, "pricing": None,
     }
-    own, pool = plan_terms(tx, variant_id or (sub and sub["variant_id"]), feature)
-    terms = own if own is not None and own["pricing"] else pool
+    terms = plan_terms(tx, variant_id or (sub and sub["variant_id"]), feature).priced
     pricing = loads(terms["pricing"]) if terms is not None and terms["pricing"] else None
     if pricing:
         tiers = [Tier(Decimal(t["up_to"]) if t["up_to"] is not None else None, Decimal(t["unit_price"]))

@@ -27,12 +27,9 @@ def record_usage(tx: Tx, ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
         timestamp_us = periods.parse_rfc3339(data["timestamp"], "timestamp")
     end_user_id = data["end_user_id"]
     sub = ensure_subscription(tx, ctx, end_user_id)
-    own, pool = plan_terms(tx, sub and sub["variant_id"], feature)
-    if own is not None and not own["enabled"]:
-        raise InsufficientBalance(f"{feature.key} is disabled on the end user's plan", "feature_key")
-    unlimited = bool((own and own["unlimited"]) or (pool and pool["unlimited"]))
-    terms = own if own is not None and own["amount"] is not None else pool or own
-    allow_overage = terms is not None and terms["overage"] == "allow"
+    terms = plan_terms(tx, sub and sub["variant_id"], feature)
+    terms.require_enabled(feature)
+    unlimited, allow_overage = terms.unlimited, terms.allow_overage
     usage_id = new_id("use")
     account = Account(tx, ctx, end_user_id, charged.key, charged.precision)
     entries: list[dict[str, Any]] = []
