@@ -97,7 +97,8 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
 
         return await db.run(work)
 
-    app.include_router(build_router(db, auth, mutations, metrics, settings, check_endpoint))
+    router, direct = build_router(db, auth, mutations, metrics, settings, check_endpoint)
+    app.include_router(router)
 
     @app.exception_handler(QuotaStackError)
     async def on_domain_error(request: Request, exc: QuotaStackError) -> JSON:
@@ -136,4 +137,4 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return Edge(app, check_endpoint, metrics)
+    return Edge(app, check_endpoint, metrics, direct)

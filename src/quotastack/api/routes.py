@@ -46,7 +46,9 @@ def _instant(value: str | None, param: str) -> int | None:
 
 
 def build_router(db: Database, auth: Authenticator, mutations: Mutations, metrics: Metrics,
-                 settings: Any, check: Callable[..., Awaitable[dict[str, Any]]]) -> APIRouter:
+                 settings: Any, check: Callable[..., Awaitable[dict[str, Any]]],
+                 ) -> tuple[APIRouter, dict[tuple[str, str], Callable[[Request], Awaitable[Response]]]]:
+    """The router, and the hot fixed-path mutations the Edge may call directly (see edge.py)."""
     r = APIRouter()
 
     def rid(request: Request) -> str:
@@ -414,7 +416,9 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
     async def list_audit(request: Request, limit: int = Limit, starting_after: str | None = After) -> Response:
         return await read(request, lambda tx, ctx: queries.audit_log(tx, ctx, limit, starting_after))
 
-    return r
+    direct = {("POST", "/v1/usage"): record_usage, ("POST", "/v1/usage/batch"): record_usage_batch,
+              ("POST", "/v1/reservations"): create_reservation, ("POST", "/v1/grants"): create_grant}
+    return r, direct
 
 
 def _empty(raw: bytes) -> dict[str, Any]:

@@ -40,6 +40,11 @@ def to_minor(value: object, precision: int, param: str, *, allow_zero: bool = Fa
     Raises InvalidAmount when the amount is not positive (or negative, with ``allow_zero``),
     has more decimal places than ``precision``, or exceeds ``MAX_MINOR``.
     """
+    if type(value) is str and value.isdecimal() and value.isascii() and len(value) <= 16:
+        # Plain digits, the usual ``units=1``: no Decimal needed.
+        whole = int(value) * 10**precision
+        if 0 < whole <= MAX_MINOR or (whole == 0 and allow_zero):
+            return whole
     number = to_decimal(value, param)
     if number < 0 or (number == 0 and not allow_zero):
         raise InvalidAmount(f"{param} must be {'zero or ' if allow_zero else ''}positive", param)

@@ -1,7 +1,8 @@
-"""Opaque, prefixed identifiers (``use_01HZX…``): a millisecond timestamp then randomness."""
+"""Opaque, prefixed identifiers (``use_aaxk…``): a millisecond timestamp then randomness."""
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 
@@ -17,8 +18,9 @@ def _b32(number: int, length: int) -> str:
 
 
 def new_id(prefix: str) -> str:
-    millis = time.time_ns() // 1_000_000
-    return f"{prefix}_{_b32(millis, 10)}{_b32(int.from_bytes(os.urandom(10), 'big'), 16)}"
+    # 48 bits of milliseconds then 80 random bits, as 26 base32 characters (one per 5 bits).
+    raw = (time.time_ns() // 1_000_000 % (1 << 48)).to_bytes(6, "big") + os.urandom(10)
+    return f"{prefix}_{base64.b32encode(raw).decode('ascii').lower()[:26]}"
 
 
 def new_secret(nbytes: int = 24) -> str:

@@ -14,6 +14,7 @@ Instants are ``int`` microseconds since the Unix epoch, UTC (names end in ``_us`
 from __future__ import annotations
 
 import calendar
+from functools import lru_cache
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -71,6 +72,7 @@ def to_us(moment: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * US_PER_SECOND + delta.microseconds
 
 
+@lru_cache(maxsize=65_536)
 def format_rfc3339(instant_us: int) -> str:
     """``2026-12-03T17:00:00Z``, with fractional seconds only when there are some."""
     moment = to_datetime(instant_us)

@@ -18,8 +18,13 @@ def ts(instant_us: int | None) -> str | None:
     return None if instant_us is None else format_rfc3339(instant_us)
 
 
-def amount(minor: int | None, precision: int) -> Decimal | None:
-    return None if minor is None else from_minor(int(minor), precision)
+def amount(minor: int | None, precision: int) -> Decimal | int | None:
+    """An amount for a response: a whole number stays an ``int`` (the common case, and cheap)."""
+    if minor is None:
+        return None
+    if precision == 0:
+        return int(minor)
+    return from_minor(int(minor), precision)
 
 
 def feature(row: Row) -> dict[str, Any]:

@@ -170,7 +170,8 @@ class SqlTx:
             "(SELECT COALESCE(SUM(h.amount), 0) FROM reservations r "
             "JOIN reservation_holds h ON h.reservation_id = r.id JOIN blocks b ON b.id = h.block_id "
             "WHERE r.env_id = :e AND r.end_user_id = :u AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) "
-            "AND r.status = 'held' AND r.expires_at_us <= :t AND b.status IN ('active', 'scheduled') "
+            # The unary + keeps the planner on the end user's index, not every due reservation's.
+            "AND r.status = 'held' AND +r.expires_at_us <= :t AND b.status IN ('active', 'scheduled') "
             "AND b.effective_at_us <= :t AND (b.expires_at_us IS NULL OR b.expires_at_us > :t)) AS returned "
             "FROM features f "
             "LEFT JOIN features pf ON pf.env_id = f.env_id AND pf.key = f.credit_pool "
