@@ -226,3 +226,44 @@ def test_a_refund_to_an_expired_block_is_lost_and_counts_against_what_is_left(sb
     too_much = sb.http.post("/v1/refunds", json={"usage_id": usage["id"], "amount": 21})
     assert too_much.status_code == 400 and too_much.json()["error"]["message"] == "at most 20 can be refunded"
     assert sb.balance("pe", "credits")["balance"] == 100
+
+
+def test_a_scheduled_change_that_drops_a_feature_still_renews(sb: Sandbox) -> None:
+    # Found by breaking it: the dropped feature's window stayed due for ever and the request spun.
+    both = sb.plan("both", [{"feature_key": "credits", "amount": 10}, {"feature_key": "messages", "amount": 10}])
+    one = sb.plan("one", [{"feature_key": "credits", "amount": 10}])
+    sub = sb.subscribe("qu", both)
+    sb.post(f"/v1/subscriptions/{sub['id']}/change", {"plan_variant_id": one, "timing": "period_end"})
+    sb.advance(seconds=32 * DAY)
+    after = sb.live("qu")
+    assert after["plan_variant_id"] == one and after["status"] == "active"
+    assert (sb.balance("qu", "credits")["balance"], sb.balance("qu", "messages")["balance"]) == (10, 0)
+
+
+def test_undoing_a_change_never_gives_back_what_was_used(sb: Sandbox) -> None:
+    # Found by breaking it: a change that granted 0 forgot the 30 and 100 already used.
+    a = sb.plan("a", [{"feature_key": "messages", "amount": 40, "reset": {"every": 5, "unit": "hour"}},
+                      {"feature_key": "credits", "amount": 1000}])
+    w = sb.plan("w", [{"feature_key": "messages", "amount": 10, "reset": {"every": 1, "unit": "day"}},
+                      {"feature_key": "credits", "amount": 100}])
+    sub = sb.subscribe("ra", a)
+    sb.use("ra", "messages", 30)
+    sb.use("ra", "credits", 100)
+    sb.post(f"/v1/subscriptions/{sub['id']}/change", {"plan_variant_id": w})
+    assert (sb.balance("ra", "messages")["balance"], sb.balance("ra", "credits")["balance"]) == (0, 0)
+    sb.post(f"/v1/subscriptions/{sub['id']}/change", {"plan_variant_id": a})
+    assert (sb.balance("ra", "messages")["balance"], sb.balance("ra", "credits")["balance"]) == (10, 900)
+
+
+def test_credits_held_at_a_change_count_as_used(sb: Sandbox) -> None:
+    # Found by breaking it: 30 held + a fresh 100 made 130 spendable in a 100 window.
+    small = sb.plan("s", [{"feature_key": "messages", "amount": 40, "reset": {"every": 5, "unit": "hour"}}])
+    large = sb.plan("l", [{"feature_key": "messages", "amount": 100, "reset": {"every": 5, "unit": "hour"}}])
+    sub = sb.subscribe("sa", small)
+    held = sb.post("/v1/reservations", {"end_user_id": "sa", "feature_key": "messages", "units": 30}, 201)
+    sb.post(f"/v1/subscriptions/{sub['id']}/change", {"plan_variant_id": large})
+    after = sb.balance("sa", "messages")
+    assert (after["balance"], after["reserved"]) == (70, 30)
+    sb.post(f"/v1/reservations/{held['id']}/commit", {"units": 10})
+    sb.post(f"/v1/subscriptions/{sub['id']}/change", {"plan_variant_id": small})
+    assert sb.balance("sa", "messages")["balance"] == 10

@@ -88,7 +88,7 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(tenant, indent=2))
         return 0
-    print(f"tenant  {tenant['id']}  {tenant['name']}")
+    print(f"tenant  {tenant['id']}  {tenant['name']}  (database: {database_url()})")
     for key in tenant["api_keys"]:
         print(f"{key['environment']:8}{key['key']}   (admin; shown only now)")
     return 0

@@ -75,6 +75,12 @@ class Edge:
         start_ns = time.perf_counter_ns()
         rid = request_id()
         scope.setdefault("state", {})["request_id"] = rid
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
+            # No id or key contains NUL (PostgreSQL could not even store one): refuse it here.
+            bad = InvalidRequest("the path or query contains a NUL character")
+            seconds = await self._send(send, bad.status, dumps(error_of(bad, rid)), rid, start_ns, None)
+            self.metrics.observe("unmatched", bad.status, seconds)
+            return
         if scope["path"] == CHECK_PATH and scope["method"] == "GET":
             await self._check(scope, send, rid, start_ns)
             return

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from ..domain.errors import IdempotencyKeyInUse, IdempotencyKeyReused, InvalidRequest, QuotaStackError
 from ..domain.ids import new_id
 from ..service.codec import dumps as dumps_column
+from ..service.codec import integer
 from ..service.context import Ctx
 from ..service.ports import Database, Tx
 from .render import dumps, error_of
@@ -32,12 +33,23 @@ Work = Callable[[Tx], Any]
 
 
 def parse_json(raw: bytes) -> Any:
+    """The body, with every non-integer number an exact Decimal.
+
+    Refused as 400, not left to fail later: nesting too deep to handle, text that no JSON
+    encoder can write back (a lone surrogate), and NUL characters (PostgreSQL stores no NUL in
+    text). Integers too big for 64 bits become Decimals, so an amount is "out of range"
+    (``invalid_amount``) and any other field a wrong type.
+    """
     if not raw.strip():
         return {}
+    if b"\\u0000" in raw:
+        raise InvalidRequest("the body contains a NUL character (\\u0000)")
     try:
-        return json.loads(raw, parse_float=Decimal, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = json.loads(raw, parse_float=Decimal, parse_int=integer, parse_constant=_no_constant)
+        orjson.dumps(data, default=str)
+    except (ValueError, UnicodeDecodeError, RecursionError, orjson.JSONEncodeError) as exc:
         raise InvalidRequest(f"malformed JSON body: {exc}") from None
+    return data
 
 
 def _no_constant(name: str) -> Any:

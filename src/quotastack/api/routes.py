@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import generate_latest
 from pydantic import BaseModel
@@ -28,7 +28,7 @@ from .render import JSON, error_of
 
 Limit = Query(50, ge=1, le=500)
 After = Query(None, max_length=255)
-DOCS = Path(__file__).resolve().parents[3] / "docs"
+DOCS = FilePath(__file__).resolve().parents[3] / "docs"
 
 
 # Nested request models, for the OpenAPI document's components (see app.py).
@@ -105,11 +105,11 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
 
     @r.get("/llms.txt", tags=["service"], response_class=PlainTextResponse)
     async def llms_txt() -> Response:
-        return _doc_file(Path(settings.docs_dir) if settings.docs_dir else DOCS, "llms.txt")
+        return _doc_file(FilePath(settings.docs_dir) if settings.docs_dir else DOCS, "llms.txt")
 
     @r.get("/docs/{page}.md", tags=["service"], response_class=PlainTextResponse)
     async def doc_page(page: str) -> Response:
-        return _doc_file(Path(settings.docs_dir) if settings.docs_dir else DOCS, f"{page}.md")
+        return _doc_file(FilePath(settings.docs_dir) if settings.docs_dir else DOCS, f"{page}.md")
 
     # ---- tenants and keys -----------------------------------------------------------------------
 
@@ -273,9 +273,9 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
     async def get_grant(request: Request, block_id: str) -> Response:
         return await read(request, lambda tx, ctx: credits.get_block(tx, ctx, block_id))
 
-    @r.get("/v1/balances/{end_user_id}", tags=["credits"])
-    async def get_balances(request: Request, end_user_id: str, feature_key: str | None = None,
-                           at: str | None = None) -> Response:
+    @r.get("/v1/balances/{end_user_id:path}", tags=["credits"])
+    async def get_balances(request: Request, end_user_id: str = Path(min_length=1, max_length=255),
+                           feature_key: str | None = None, at: str | None = None) -> Response:
         at_us = _instant(at, "at")
         return await read(request, lambda tx, ctx: credits.balances(tx, ctx, end_user_id, feature_key, at_us),
                           settle=True)
@@ -466,7 +466,7 @@ def _batch(mutations: Mutations, tx: Tx, ctx: Ctx, events: list[Any]) -> dict[st
     return {"object": "usage_batch", "results": results}
 
 
-def _doc_file(root: Path, name: str) -> Response:
+def _doc_file(root: FilePath, name: str) -> Response:
     path = (root / name).resolve()
     if path.parent != root.resolve() or not path.is_file():
         raise NotFound(f"no document {name!r}")

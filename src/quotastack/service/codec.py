@@ -25,5 +25,11 @@ def dumps(value: Any) -> str:
     return dumps_bytes(value).decode()
 
 
+def integer(text: str) -> int | Decimal:
+    """JSON integers beyond 64 bits as Decimals: exact, and writable by orjson."""
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else Decimal(text)
+
+
 def loads(text: str | bytes | None) -> Any:
-    return None if text is None else json.loads(text, parse_float=Decimal)
+    return None if text is None else json.loads(text, parse_float=Decimal, parse_int=integer)

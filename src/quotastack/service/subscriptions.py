@@ -174,7 +174,8 @@ def capped(account: Account, amount: int, max_balance: int | None) -> tuple[int,
     room = max(0, max_balance - account.balance - account.reserved)
     if amount <= room:
         return amount, None
-    return room, f"max_balance: {amount - room} of {amount} not granted"
+    kept, asked = views.amount(amount - room, account.precision), views.amount(amount, account.precision)
+    return room, f"max_balance: {kept} of {asked} not granted"
 
 
 def grant_window(tx: Tx, ctx: Ctx, sub: Row, ent: Row, start_us: int, end_us: int, used: int = 0) -> None:
@@ -209,17 +210,27 @@ def grant_window(tx: Tx, ctx: Ctx, sub: Row, ent: Row, start_us: int, end_us: in
                                            f"{views.amount(unused, feature.precision)} unused")
     amount, reason = capped(account, max(0, ent["amount"] - used), ent["max_balance"])
     if amount > 0:
-        metadata = {"window_start": views.ts(start_us)} | ({"window_used": used} if used else {})
         account.grant(amount, priority=ent["priority"], effective_at_us=start_us, expires_at_us=end_us,
-                      source="plan", subscription_id=sub["id"], metadata=metadata, reason=reason)
-    tx.upsert_window(sub["id"], feature.key, start_us, end_us)
+                      source="plan", subscription_id=sub["id"], metadata={"window_start": views.ts(start_us)},
+                      reason=reason)
+    tx.upsert_window(sub["id"], feature.key, start_us, end_us, used)
 
 
 def _reschedule(tx: Tx, sub: Row) -> Row:
-    """Set ``next_due_us``: the period's end or the first window end, whichever is sooner."""
+    """Set ``next_due_us``: the period's end or the first window end, whichever is sooner.
+
+    Windows of features the current variant no longer grants are dropped here: left behind,
+    their past end would stay due for ever.
+    """
     due = None
     if sub["live"] and sub["status"] in ("trialing", "active"):
-        ends = [w["window_end_us"] for w in tx.windows_of(sub["id"])]
+        granted = {e["feature_key"] for e in _allowances(tx, sub["variant_id"])}
+        ends = []
+        for window in tx.windows_of(sub["id"]):
+            if window["feature_key"] in granted:
+                ends.append(window["window_end_us"])
+            else:
+                tx.delete_windows(sub["id"], window["feature_key"])
         due = min([sub["current_period_end_us"], *ends])
     tx.update("subscriptions", {"id": sub["id"]}, {"next_due_us": due})
     return _reload(tx, sub)
@@ -231,12 +242,17 @@ def advance(tx: Tx, ctx: Ctx, sub: Row) -> Row | None:
     """Process every boundary of ``sub`` up to now, in order; the live subscription after it."""
     current: Row | None = sub
     while current is not None and current["next_due_us"] is not None and current["next_due_us"] <= ctx.now_us:
-        at = ctx.at(current["next_due_us"])
-        if current["next_due_us"] >= current["current_period_end_us"]:
+        due = current["next_due_us"]
+        at = ctx.at(due)
+        if due >= current["current_period_end_us"]:
             current = _period_end(tx, at, current)
         else:
             _reset_windows(tx, at, current)
             current = _reschedule(tx, current)
+        # Every step moves time forward (or ends the subscription); anything else is a bug that
+        # would spin for ever, holding the end user's lock.
+        assert current is None or current["id"] != sub["id"] or current["next_due_us"] is None \
+            or current["next_due_us"] > due, f"subscription {sub['id']} does not advance past {due}"
     return current
 
 
@@ -305,9 +321,7 @@ def _summarise_period(tx: Tx, at: Ctx, sub: Row) -> None:
 
 
 def fall_back(tx: Tx, at: Ctx, ended: Row) -> Row | None:
-    """After a paid subscription ends, the end user is on the default plan from that instant."""
-    if ended["is_default_plan"]:
-        return None
+    """After a subscription ends, the end user is on the default plan from that instant."""
     variant = tx.default_variant(at.env_id)
     if variant is None:
         return None
@@ -365,9 +379,14 @@ def change(tx: Tx, ctx: Ctx, subscription_id: str, data: dict[str, Any]) -> dict
 
 
 def _replace_allowances(tx: Tx, ctx: Ctx, sub: Row, variant_id: str) -> None:
-    """The new variant's allowances for the current windows, less what was used in them."""
+    """The new variant's allowances for the current windows, less what was used in them.
+
+    What was used of a window is carried in ``allowance_windows.used`` across any number of
+    changes. Credits held by reservations count as used: released later, they return to the
+    allowance block they came from, which the change has ended.
+    """
     features = Features(tx, ctx.env_id)
-    used: dict[str, int] = {}
+    used = {w["feature_key"]: w["used"] for w in tx.windows_of(sub["id"])}
     for block in tx.subscription_blocks(sub["id"]):
         if block["source"] != "plan":
             continue
@@ -376,14 +395,12 @@ def _replace_allowances(tx: Tx, ctx: Ctx, sub: Row, variant_id: str) -> None:
         row = account.rows.get(block["id"])
         if row is None or row["status"] != "active":
             continue
-        earlier = int(loads(row["metadata"]).get("window_used", 0))
-        used[feature_key] = used.get(feature_key, 0) + earlier + row["original_amount"] - row["remaining"] \
-            - tx.held_in_block(block["id"])
+        used[feature_key] = used.get(feature_key, 0) + row["original_amount"] - row["remaining"]
         account.expire(row, at_us=ctx.now_us, reason="plan changed")
     tx.delete_windows(sub["id"])
     for ent in _allowances(tx, variant_id):
         window = window_of(sub, Duration.from_dict(loads(ent["reset"])), ctx.now_us)
-        grant_window(tx, ctx, sub, {**ent, "rollover": None}, *window, used=max(0, used.get(ent["feature_key"], 0)))
+        grant_window(tx, ctx, sub, {**ent, "rollover": None}, *window, used=used.get(ent["feature_key"], 0))
 
 
 def pause(tx: Tx, ctx: Ctx, subscription_id: str) -> dict[str, Any]:

@@ -288,15 +288,20 @@ class SqlTx:
         return self.all("SELECT * FROM allowance_windows WHERE subscription_id = :s ORDER BY feature_key",
                         {"s": subscription_id})
 
-    def upsert_window(self, subscription_id: str, feature_key: str, start_us: int, end_us: int) -> None:
+    def upsert_window(self, subscription_id: str, feature_key: str, start_us: int, end_us: int,
+                      used: int = 0) -> None:
         self.execute(
-            "INSERT INTO allowance_windows (subscription_id, feature_key, window_start_us, window_end_us) "
-            "VALUES (:s, :f, :a, :b) ON CONFLICT (subscription_id, feature_key) "
-            "DO UPDATE SET window_start_us = :a, window_end_us = :b",
-            {"s": subscription_id, "f": feature_key, "a": start_us, "b": end_us})
+            "INSERT INTO allowance_windows (subscription_id, feature_key, window_start_us, window_end_us, used) "
+            "VALUES (:s, :f, :a, :b, :u) ON CONFLICT (subscription_id, feature_key) "
+            "DO UPDATE SET window_start_us = :a, window_end_us = :b, used = :u",
+            {"s": subscription_id, "f": feature_key, "a": start_us, "b": end_us, "u": used})
 
-    def delete_windows(self, subscription_id: str) -> None:
-        self.execute("DELETE FROM allowance_windows WHERE subscription_id = :s", {"s": subscription_id})
+    def delete_windows(self, subscription_id: str, feature_key: str | None = None) -> None:
+        if feature_key is None:
+            self.execute("DELETE FROM allowance_windows WHERE subscription_id = :s", {"s": subscription_id})
+        else:
+            self.execute("DELETE FROM allowance_windows WHERE subscription_id = :s AND feature_key = :f",
+                         {"s": subscription_id, "f": feature_key})
 
     def shift_windows(self, subscription_id: str, by_us: int) -> None:
         self.execute("UPDATE allowance_windows SET window_start_us = window_start_us + :d, "
