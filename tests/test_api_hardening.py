@@ -41,3 +41,10 @@ def test_balances_take_the_same_end_user_ids_as_everything_else(api: Api) -> Non
     grant(api, "team/alice", "credits", 5)
     data = api.ok("GET", "/v1/balances/team%2Falice")
     assert (data["end_user_id"], data["data"][0]["balance"]) == ("team/alice", 5)
+
+
+def test_an_unknown_cursor_or_status_is_400_not_an_empty_page(api: Api) -> None:
+    feature(api, "credits")
+    assert_error(api.get("/v1/features", starting_after="feat_nope"), 400, "invalid_request", "starting_after")
+    assert_error(api.get("/v1/reservations", status="bogus"), 400, "invalid_request", "status")
+    assert_error(api.get("/v1/subscriptions", status="bogus"), 400, "invalid_request", "status")

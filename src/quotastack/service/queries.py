@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..domain.errors import NotFound
+from ..domain.errors import InvalidRequest, NotFound
 from . import views
 from .accounts import Account
 from .catalog import variant_view
@@ -15,12 +15,16 @@ from .ports import Row, Tx
 from .reservations import as_of_now
 from .tenants import key_view
 
+RESERVATION_STATUSES = ("held", "committed", "released", "expired")
+SUBSCRIPTION_STATUSES = ("trialing", "active", "paused", "canceled", "expired")
 LEDGER_TYPES = ("grant", "refund", "rollover", "use", "expire", "void", "reserve", "commit", "release")
 
 
 def listing(tx: Tx, ctx: Ctx, table: str, view: Callable[[Row], dict[str, Any]], limit: int,
             starting_after: str | None, filters: Mapping[str, Any] | None = None,
             ranges: Mapping[str, tuple[int | None, int | None]] | None = None) -> dict[str, Any]:
+    if starting_after is not None and tx.get(table, env_id=ctx.env_id, id=starting_after) is None:
+        raise InvalidRequest(f"starting_after: no such object {starting_after!r} in this list", "starting_after")
     rows = tx.page(table, ctx.env_id, filters or {}, limit, starting_after, ranges)
     has_more = len(rows) > limit
     rows = rows[:limit]
@@ -48,6 +52,8 @@ def packs(tx: Tx, ctx: Ctx, limit: int, after: str | None) -> dict[str, Any]:
 
 def subscriptions(tx: Tx, ctx: Ctx, end_user_id: str | None, status: str | None, limit: int,
                   after: str | None) -> dict[str, Any]:
+    if status is not None and status not in SUBSCRIPTION_STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(SUBSCRIPTION_STATUSES)}", "status")
     return listing(tx, ctx, "subscriptions", views.subscription, limit, after,
                    {"end_user_id": end_user_id, "status": status})
 
@@ -55,6 +61,8 @@ def subscriptions(tx: Tx, ctx: Ctx, end_user_id: str | None, status: str | None,
 def reservations(tx: Tx, ctx: Ctx, end_user_id: str | None, status: str | None, limit: int,
                  after: str | None) -> dict[str, Any]:
     """Reservations, newest first; settled first, so a past-due one lists as ``expired``."""
+    if status is not None and status not in RESERVATION_STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(RESERVATION_STATUSES)}", "status")
     settle_end_user(tx, ctx, end_user_id)
     return listing(tx, ctx, "reservations", lambda r: as_of_now(tx, ctx, r), limit, after,
                    {"end_user_id": end_user_id, "status": status})
