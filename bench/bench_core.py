@@ -47,8 +47,8 @@ ROOT = BENCH.parent
 CACHE = BENCH / ".cache"
 RESULTS = BENCH / "results"
 VENV_BIN = ROOT / ".venv" / "bin"
-MIGRATIONS = ROOT / "src" / "quotastack" / "store" / "migrations"
-SEED_VERSION = "3"  # bump when seed.py changes the data it writes
+SRC = ROOT / "src"  # replaced by a snapshot of itself when the benchmark starts (see snapshot_src)
+SEED_VERSION = "3"  # bump when seed.py changes the data it writes (the cache key is this + the migrations)
 
 sys.path.insert(0, str(BENCH))
 import seed  # noqa: E402
@@ -66,13 +66,20 @@ class Processes:
         self.procs: list[subprocess.Popen[Any]] = []
 
     def start(self, cmd: list[str], *, env: dict[str, str] | None = None, log: Path | None = None,
-              stdout: Any = None) -> subprocess.Popen[Any]:
+              stdout: Any = None, nice: int = 0) -> subprocess.Popen[Any]:
         out = open(log, "ab") if log else (stdout if stdout is not None else subprocess.DEVNULL)
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if log else None,
                                 start_new_session=True)
         if log:
             out.close()
         self.procs.append(proc)
+        if nice:
+            # A new session is a new scheduler autogroup where autogroups are on: there niceness only
+            # ranks a process within its group, and the group's own nice ranks it against the rest.
+            try:
+                Path(f"/proc/{proc.pid}/autogroup").write_text(str(nice))
+            except OSError:
+                pass
         return proc
 
     def stop(self, proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
@@ -108,8 +115,44 @@ def _on_signal(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-signal.signal(signal.SIGTERM, _on_signal)
-signal.signal(signal.SIGHUP, _on_signal)
+for _sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    # Explicitly, also SIGINT: a shell starts background jobs with SIGINT ignored.
+    signal.signal(_sig, _on_signal)
+
+
+def runq_wait_seconds(pid: int) -> float | None:
+    """Time the process's threads spent runnable but waiting for a CPU (/proc/PID/task/*/schedstat)."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
+def src_fingerprint(src: Path | None = None) -> str:
+    """A hash of the service's source (the code a server started now runs)."""
+    root = src or SRC
+    h = hashlib.sha256()
+    for path in sorted((root / "quotastack").rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def snapshot_src(workdir: Path, src: Path | None = None) -> Path:
+    """Copy src/ so that every server of this benchmark runs the same code, whatever is edited meanwhile.
+
+    Servers get ``PYTHONPATH=<snapshot>``, which comes before the venv's editable install.
+    """
+    global SRC
+    snap = workdir / "snapshot"
+    shutil.copytree(src or ROOT / "src", snap / "src", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if (ROOT / "docs").is_dir():
+        (snap / "docs").symlink_to(ROOT / "docs")
+    SRC = snap / "src"
+    return SRC
 
 
 def free_port() -> int:
@@ -133,7 +176,8 @@ def wait_http(url: str, proc: subprocess.Popen[Any], log: Path, timeout: float =
 
 
 class Pinning:
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, nice: int = 0) -> None:
+        self.nice = nice
         self.taskset = shutil.which("taskset")
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         self.active = bool(enabled and self.taskset and len(cpus) >= 2)
@@ -141,13 +185,16 @@ class Pinning:
         self.client_cpu = cpus[1] if self.active else None
 
     def wrap(self, cmd: list[str], cpu: int | None) -> list[str]:
-        return [self.taskset, "-c", str(cpu), *cmd] if self.active and cpu is not None else cmd  # type: ignore[list-item]
+        if self.active and cpu is not None:
+            cmd = [self.taskset, "-c", str(cpu), *cmd]  # type: ignore[list-item]
+        return ["nice", "-n", str(self.nice), *cmd] if self.nice else cmd
 
     def describe(self) -> str:
+        nice = f"; both at nice {self.nice}" if self.nice else ""
         if not self.active:
-            return "not pinned (taskset missing, fewer than 2 CPUs, or --no-pin)"
+            return "not pinned (taskset missing, fewer than 2 CPUs, or --no-pin)" + nice
         return (f"server pinned to CPU {self.server_cpu} and load generator to CPU {self.client_cpu} "
-                f"(taskset -c)")
+                f"(taskset -c){nice}")
 
 
 class Server:
@@ -169,7 +216,9 @@ class Server:
         else:
             cmd = [str(VENV_BIN / "python"), str(BENCH / "ceiling_app.py"), "--host", HOST, "--port", str(self.port)]
             ready = "/"
-        self.proc = PROCS.start(pin.wrap(cmd, pin.server_cpu), env=env, log=self.log)
+        self.src = src_fingerprint()
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
+        self.proc = PROCS.start(pin.wrap(cmd, pin.server_cpu), env=env, log=self.log, nice=pin.nice)
         wait_http(self.base + ready, self.proc, self.log)
 
     def cpu_seconds(self) -> float:
@@ -185,14 +234,14 @@ class Server:
 
 def schema_hash() -> str:
     h = hashlib.sha256(SEED_VERSION.encode())
-    for path in sorted(MIGRATIONS.rglob("*.py")):
-        h.update(path.relative_to(MIGRATIONS).as_posix().encode())
+    migrations = SRC / "quotastack" / "store" / "migrations"
+    for path in sorted(migrations.rglob("*.py")):
+        h.update(path.relative_to(migrations).as_posix().encode())
         h.update(path.read_bytes())
-    h.update((BENCH / "seed.py").read_bytes())
     return h.hexdigest()[:12]
 
 
-def seeded_db(users: int, entries_per_user: int, pin: Pinning, workdir: Path, rebuild: bool) -> tuple[Path, dict[str, Any]]:
+def seeded_db(users: int, entries_per_user: int, workdir: Path, rebuild: bool) -> tuple[Path, dict[str, Any]]:
     """The cached seeded DB for this size, building it when missing, stale or of another schema."""
     CACHE.mkdir(parents=True, exist_ok=True)
     name = f"seed-{users}u-{entries_per_user}e-{schema_hash()}"
@@ -214,6 +263,8 @@ def seeded_db(users: int, entries_per_user: int, pin: Pinning, workdir: Path, re
     server = Server("service", Pinning(False), workdir, tmp)
     try:
         catalog = seed.create_catalog(server.base, server.operator_key)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}\nserver log:\n{server.log.read_text()[-3000:]}") from None
     finally:
         server.stop()
     t_api = time.monotonic() - t0
@@ -355,20 +406,30 @@ class LoadGen:
         cmd = self.pin.wrap(cmd, self.pin.client_cpu)
         before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         server_cpu0 = server.cpu_seconds()
+        server_wait0 = runq_wait_seconds(server.proc.pid)
         ticks0 = cpu_ticks()
         t0 = time.monotonic()
-        proc = PROCS.start(cmd, stdout=subprocess.PIPE)
+        out_path = server.log.with_name(f"load-{os.getpid()}.out")
+        with open(out_path, "wb") as out_file:
+            proc = PROCS.start(cmd, stdout=out_file, nice=self.pin.nice)
+        client_wait = None
         try:
-            out, _ = proc.communicate(timeout=duration + 60)
-        except subprocess.TimeoutExpired:
+            deadline = t0 + duration + 60
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"load generator did not finish: {cmd}")
+                client_wait = runq_wait_seconds(proc.pid) if proc.poll() is None else client_wait
+                time.sleep(0.2)
+        finally:
             PROCS.stop(proc)
-            raise RuntimeError(f"load generator did not finish: {cmd}") from None
-        PROCS.stop(proc)  # already exited: just forgets it
         wall = time.monotonic() - t0
         server_cpu = server.cpu_seconds() - server_cpu0
+        server_wait1 = runq_wait_seconds(server.proc.pid)
         ticks1 = cpu_ticks()
         after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_cpu = (after_children.ru_utime - before_children.ru_utime) + (after_children.ru_stime - before_children.ru_stime)
+        out = out_path.read_bytes()
+        out_path.unlink(missing_ok=True)
         text = out.decode(errors="replace")
         line = next((ln for ln in text.splitlines() if ln.startswith("QSBENCH ")), None)
         if proc.returncode != 0 or line is None:
@@ -387,6 +448,9 @@ class LoadGen:
             "latency_ms": summary_ms(lat),
             "server_timing_ms": summary_ms(st),
             "latency_samples": sum(lat.values()), "unpaired": raw.get("unpaired", 0),
+            # Little's law: with C clients always busy, requests × mean latency ≈ window × C (≈ 1.0).
+            "littles_law": round(sum(k * v for k, v in lat.items()) / 1e6 / (window * connections), 3)
+            if window else None,
             "no_server_timing": raw["no_server_timing"],
             "wrk_own_latency_ms": {k: round(v / 1000, 3) for k, v in raw["wrk_latency_us"].items()}
             if "wrk_latency_us" in raw else None,
@@ -394,6 +458,10 @@ class LoadGen:
             "client_cpu_pct": round(100 * client_cpu / wall, 1),
             "steal_pct_server_cpu": steal_pct(ticks0, ticks1, self.pin.server_cpu),
             "steal_pct_client_cpu": steal_pct(ticks0, ticks1, self.pin.client_cpu),
+            # Time runnable but waiting for a CPU (preempted by other processes), in % of the wall time.
+            "server_runq_wait_pct": round(100 * (server_wait1 - server_wait0) / wall, 1)
+            if server_wait0 is not None and server_wait1 is not None else None,
+            "client_runq_wait_pct": round(100 * client_wait / wall, 1) if client_wait is not None else None,
             # CPU used by processes other than this server and load generator, in % of one CPU.
             "other_cpu_pct": round(100 * max(0.0, busy_seconds(ticks0, ticks1) - server_cpu - client_cpu) / wall, 1),
         }
@@ -413,8 +481,33 @@ SCENARIOS = [  # (id, label, server, mode, clients)
 ]
 TARGET_ST_P99_MS = 0.5
 TARGET_CEILING_RATIO = 0.5
-TARGET_GROWTH_RATIO = 1.25
-NOISY_PCT = 15.0  # a measurement during which other processes used more than this % of a CPU is "noisy"  # "unchanged": within +25 % (p50 and p99 of Server-Timing)
+TARGET_GROWTH_RATIO = 1.25  # "unchanged": within +25 % (p50 and p99 of Server-Timing)
+# A measurement is "noisy" when the server (or the load generator) spent more than WAIT_PCT % of it
+# runnable but waiting for its CPU, i.e. preempted by other processes (from /proc/PID/schedstat);
+# where schedstat is missing, when other processes used more than OTHER_PCT % of a CPU.
+WAIT_PCT = 3.0
+OTHER_PCT = 15.0
+
+
+STEAL_PCT = 10.0  # hypervisor steal on either CPU above this also makes a measurement noisy
+
+
+def disturbance(r: dict[str, Any]) -> float:
+    """How much others got in the way, scaled so that > WAIT_PCT is noisy: run-queue wait (else other
+    processes' CPU), and hypervisor steal."""
+    waits = [w for w in (r.get("server_runq_wait_pct"), r.get("client_runq_wait_pct")) if w is not None]
+    local = max(waits) if waits else r["other_cpu_pct"] * WAIT_PCT / OTHER_PCT
+    steal = max(r.get("steal_pct_server_cpu") or 0, r.get("steal_pct_client_cpu") or 0)
+    return max(local, steal * WAIT_PCT / STEAL_PCT)
+
+
+def describe_disturbance(r: dict[str, Any]) -> str:
+    steal = (f"; hypervisor steal {r.get('steal_pct_server_cpu') or 0:.0f}/{r.get('steal_pct_client_cpu') or 0:.0f} %")
+    if r.get("server_runq_wait_pct") is not None:
+        return (f"server waited for its CPU {r['server_runq_wait_pct']:.1f} % of the time, load generator "
+                f"{r.get('client_runq_wait_pct') or 0:.1f} %; other processes used {r['other_cpu_pct']:.0f} % "
+                f"of a CPU{steal}")
+    return f"other processes used {r['other_cpu_pct']:.0f} % of a CPU{steal}"
 
 
 def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[str, Any]]], pin: Pinning,
@@ -424,7 +517,9 @@ def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[s
         if cfg.max_wait_quiet > 0:
             wait_for_quiet(cfg.max_wait_quiet)
         if which == "ceiling":
-            server, meta = Server("ceiling", pin, workdir), {"users": 1, "api_key": "x", "feature_key": "x"}
+            # Same URL shapes as the check: random end user ids over the big DB's range.
+            server = Server("ceiling", pin, workdir)
+            meta = {"users": dbs["big"][1]["users"], "api_key": dbs["big"][1]["api_key"], "feature_key": "x"}
         else:
             src, meta = dbs[which]
             copy = fresh_copy(src, workdir, which)
@@ -441,20 +536,22 @@ def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[s
                 for attempt in range(cfg.noisy_retries + 1):
                     attempts.append(load.run(server, mode, clients, cfg.duration, meta["users"], meta["api_key"],
                                              meta["feature_key"], cfg.max_requests))
-                    if attempts[-1]["other_cpu_pct"] <= NOISY_PCT or attempt == cfg.noisy_retries:
+                    if disturbance(attempts[-1]) <= WAIT_PCT or attempt == cfg.noisy_retries:
                         break
-                    print(f"  run {run}  {sid:16} noisy (other processes used {attempts[-1]['other_cpu_pct']:.0f} % "
-                          "of a CPU): measuring again", flush=True)
+                    print(f"  run {run}  {sid:16} noisy ({describe_disturbance(attempts[-1])}): measuring again",
+                          flush=True)
                     wait_for_quiet(cfg.max_wait_quiet)
-                r = min(attempts, key=lambda a: a["other_cpu_pct"])
+                r = min(attempts, key=disturbance)
                 r["attempts"] = len(attempts)
-                r["noisy"] = r["other_cpu_pct"] > NOISY_PCT
+                r["src"] = server.src if which != "ceiling" else None
+                r["noisy"] = disturbance(r) > WAIT_PCT
                 results[sid] = r
                 print(f"  run {run}  {sid:16} {r['rps']:9,.0f} req/s  lat p50/p99 {r['latency_ms']['p50']:.3f}/"
                       f"{r['latency_ms']['p99']:.3f} ms  Server-Timing p50/p99 {r['server_timing_ms']['p50']:.3f}/"
                       f"{r['server_timing_ms']['p99']:.3f} ms  cpu srv/cli {r['server_cpu_pct']:.0f}/"
-                      f"{r['client_cpu_pct']:.0f} %  other {r['other_cpu_pct']:.0f} %  steal {r['steal_pct_server_cpu']}/"
-                      f"{r['steal_pct_client_cpu']} %"
+                      f"{r['client_cpu_pct']:.0f} %  runq wait srv/cli {r['server_runq_wait_pct']}/"
+                      f"{r['client_runq_wait_pct']} %  other {r['other_cpu_pct']:.0f} %  "
+                      f"steal {r['steal_pct_server_cpu']} %"
                       + (f"  non-2xx {r['non_2xx']}" if r["non_2xx"] else ""),
                       flush=True)
         finally:
@@ -479,6 +576,7 @@ def median_of(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]
             "client_cpu_pct": med(lambda r: r["client_cpu_pct"]),
             "steal_pct_server_cpu": med(lambda r: r["steal_pct_server_cpu"] or 0),
             "other_cpu_pct": med(lambda r: r["other_cpu_pct"]),
+            "server_runq_wait_pct": med(lambda r: r.get("server_runq_wait_pct") or 0),
             "non_2xx": sum(r["non_2xx"] for r in rs),
             "noisy_runs": sum(1 for r in rs if r.get("noisy")),
             "requests": sum(r["requests"] for r in rs),
@@ -518,7 +616,7 @@ def print_table(med: dict[str, dict[str, Any]], rat: dict[str, Any], sizes: dict
     print(f"Figures ({'median of ' + str(nruns) + ' runs' if nruns > 1 else '1 run'}); latency = client-side, "
           "Server-Timing = app;dur")
     hdr = (f"{'scenario':40} {'clients':>7} {'req/s':>9} {'lat p50':>9} {'lat p99':>9} {'ST p50':>8} "
-           f"{'ST p99':>8} {'srv cpu':>7} {'cli cpu':>7} {'other':>6} {'steal':>6} {'non-2xx':>7}")
+           f"{'ST p99':>8} {'srv cpu':>7} {'cli cpu':>7} {'srv wait':>8} {'non-2xx':>7}")
     print(hdr)
     print("-" * len(hdr))
     for sid, label, srv, _mode, clients in SCENARIOS:
@@ -528,16 +626,16 @@ def print_table(med: dict[str, dict[str, Any]], rat: dict[str, Any], sizes: dict
         full = f"{label} ({names[srv]})" if srv in names else label
         print(f"{full:40} {clients:>7} {m['rps']:>9,.0f} {m['latency_ms']['p50']:>9.3f} {m['latency_ms']['p99']:>9.3f} "
               f"{m['server_timing_ms']['p50']:>8.3f} {m['server_timing_ms']['p99']:>8.3f} "
-              f"{m['server_cpu_pct']:>6.0f}% {m['client_cpu_pct']:>6.0f}% {m['other_cpu_pct']:>5.0f}% "
-              f"{m['steal_pct_server_cpu']:>5.0f}% "
-              f"{m['non_2xx']:>7}" + ("  noisy" if m["noisy_runs"] else ""))
-    print("(times in ms; srv/cli cpu = CPU time of the server / load generator over the run's wall time; "
-          "other = CPU used by\n other processes on the machine, in % of one CPU; steal = hypervisor steal on the server's CPU)")
+              f"{m['server_cpu_pct']:>6.0f}% {m['client_cpu_pct']:>6.0f}% {m['server_runq_wait_pct']:>7.1f}% "
+              f"{m['non_2xx']:>7}" + (f"  noisy ({m['noisy_runs']}/{m['runs']})" if m["noisy_runs"] else ""))
+    print("(times in ms; srv/cli cpu = CPU time of the server / load generator over the run's wall time; srv wait = "
+          "time the\n server was runnable but waiting for its CPU, i.e. preempted by other processes)")
     print()
     ok = lambda b: "MET" if b else "MISSED"  # noqa: E731
     if any(m["noisy_runs"] for m in med.values()):
-        print("WARNING: rows marked 'noisy' were measured while other processes used more than "
-              f"{NOISY_PCT:.0f} % of a CPU; their figures understate the service. Rerun on a quiet machine.")
+        print("WARNING: rows marked 'noisy' were measured while other processes kept the server or the load "
+              f"generator\nwaiting for its CPU more than {WAIT_PCT:.0f} % of the time, or hypervisor steal exceeded "
+              f"{STEAL_PCT:.0f} %; their figures\nunderstate the service. Rerun on a quiet machine.")
         print()
     print("Targets")
     print(f"  check Server-Timing p99 < {TARGET_ST_P99_MS} ms (big ledger, worst of 1/64 clients): "
@@ -587,8 +685,13 @@ def main() -> int:
                         "default 60, quick 10)")
     p.add_argument("--noisy-retries", type=int,
                    help="measure again, up to N times, when other processes were busy (default 2, quick 0)")
+    p.add_argument("--nice", type=int, default=0,
+                   help="run server and load generator at this niceness (e.g. -10 as root, on a shared machine)")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and client to separate CPUs")
     p.add_argument("--rebuild-cache", action="store_true", help="reseed even if bench/.cache has the DBs")
+    p.add_argument("--src", type=Path,
+                   help="benchmark this source tree instead of src/ (e.g. `git archive <commit> src | tar -x -C DIR`, "
+                        "then DIR/src)")
     p.add_argument("--out", type=Path, help="result JSON path (default bench/results/<timestamp>.json)")
     cfg = p.parse_args()
     cfg.users = cfg.users or (10_000 if cfg.quick else 100_000)
@@ -603,15 +706,26 @@ def main() -> int:
     if not (VENV_BIN / "quotastack").exists():
         raise SystemExit(f"{VENV_BIN / 'quotastack'} not found: create the venv first")
     started = time.monotonic()
+    git_at_start = git_state()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     workdir = CACHE / f"work-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
-    pin = Pinning(not cfg.no_pin)
+    snapshot_src(workdir, cfg.src)
+    probe = subprocess.run([str(VENV_BIN / "python"), "-c", "import quotastack; print(quotastack.__file__)"],
+                           env=dict(os.environ, PYTHONPATH=str(SRC)), capture_output=True, text=True, timeout=60)
+    if not probe.stdout.strip().startswith(str(SRC)):
+        raise SystemExit(f"the snapshot of src/ is not what the venv imports: {probe.stdout}{probe.stderr}")
+    pin = Pinning(not cfg.no_pin, cfg.nice)
     load = LoadGen(cfg.client, pin)
     print(f"QuotaStack core benchmark  {stamp}  ({'quick' if cfg.quick else 'full'})")
     print(f"  machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}")
     print(f"  load generator: {load.name} {load.version}".rstrip())
     print(f"  pinning: {pin.describe()}")
+    if cfg.src:
+        print(f"  service source: a snapshot of {cfg.src} (fingerprint {src_fingerprint()})")
+    else:
+        print(f"  service source: a snapshot of src/ taken now (fingerprint {src_fingerprint()}; git "
+              f"{git_at_start.get('commit', '?')[:10]}{', src/ has uncommitted changes' if git_at_start.get('src_dirty') else ''})")
     print("  server: quotastack serve (uvicorn, 1 worker, loop=auto->uvloop, http=auto->httptools); "
           "ceiling: bench/ceiling_app.py (uvicorn, uvloop, httptools)")
     print(f"  {cfg.duration:g} s per measurement, {cfg.warmup:g} s warm-up per server, "
@@ -622,8 +736,8 @@ def main() -> int:
     except ImportError as exc:
         print(f"  WARNING: {exc}: the service and the ceiling would not run the same stack")
     try:
-        dbs = {"big": seeded_db(cfg.users, cfg.entries_per_user, pin, workdir, cfg.rebuild_cache),
-               "small": seeded_db(small_users, cfg.entries_per_user, pin, workdir, cfg.rebuild_cache)}
+        dbs = {"big": seeded_db(cfg.users, cfg.entries_per_user, workdir, cfg.rebuild_cache),
+               "small": seeded_db(small_users, cfg.entries_per_user, workdir, cfg.rebuild_cache)}
         for which, (path, meta) in dbs.items():
             print(f"  {which} DB: {meta['end_users']:,} end users, {meta['ledger_entries']:,} ledger entries, "
                   f"{path.stat().st_size / 2**20:.0f} MiB ({'from the cache; ' if meta['cached'] else ''}seeded in "
@@ -632,6 +746,10 @@ def main() -> int:
     finally:
         PROCS.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
+    fingerprints = sorted({r["src"] for run in runs for r in run.values() if r.get("src")})
+    if len(fingerprints) > 1:
+        print(f"\nWARNING: the service's source changed during the benchmark ({', '.join(fingerprints)}): "
+              "servers ran different code; rerun when nobody is editing src/.")
     med = median_of(runs)
     rat = ratios(med)
     sizes = {k: v[1] for k, v in dbs.items()}
@@ -644,7 +762,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "load_generator": {"name": load.name, "version": load.version}, "pinning": pin.describe(),
-        "git": git_state(),
+        "git": git_at_start, "src_fingerprints": fingerprints,
         "databases": {k: {kk: vv for kk, vv in v.items() if kk != "api_key"} for k, v in sizes.items()},
         "targets": {"check_st_p99_ms": TARGET_ST_P99_MS, "check_over_ceiling": TARGET_CEILING_RATIO,
                     "growth_ratio_max": TARGET_GROWTH_RATIO},

@@ -26,6 +26,7 @@ import os
 import random
 import sqlite3
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -59,8 +60,11 @@ def http_json(base: str, method: str, path: str, key: str | None, body: Any = No
     req.add_header("Content-Type", "application/json")
     if key:
         req.add_header("Authorization", f"Bearer {key}")
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"seeding: {method} {path} answered {exc.code}: {exc.read()[:500]!r}") from None
 
 
 @dataclass
