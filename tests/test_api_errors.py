@@ -207,7 +207,7 @@ def ctx_of(server: Server, key: str) -> Ctx:
     """The context a request with ``key`` runs in (tenant, environment), read from the store."""
     with server.db.reader() as tx:
         principal = tenants_service.authenticate(tx, key)
-    return Ctx(principal["tenant_id"], principal["env_id"], principal["kind"], principal["id"], frozenset(), 0,
+    return Ctx(principal["tenant_id"], principal["env_id"], principal["kind"], principal["key_id"], frozenset(), 0,
                "req_test")
 
 
@@ -349,7 +349,7 @@ def test_a_bug_in_the_fast_path_check_is_500_in_the_envelope(api: Api, monkeypat
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug in the check")
 
-    monkeypatch.setattr(entitlements_service, "check", broken)
+    monkeypatch.setattr(entitlements_service, "evaluate", broken)
     reply = api.get("/v1/entitlements/check", end_user_id="u1", feature_key="credits")
     assert reply.headers["content-type"] == "application/json"
     assert_error(reply, 500, "internal_error")

@@ -20,7 +20,8 @@ from ..service import entitlements
 from ..service.ports import Database
 from ..service.subscriptions import ensure_subscription
 from ..service.sweep import sweep
-from .auth import Authenticator, RateLimiter, now_us
+from ..service.tenants import hash_key
+from .auth import Authenticator, RateLimiter, bearer, now_us
 from .edge import Edge, Metrics
 from .mutations import Mutations
 from .render import JSON, error_body, error_response
@@ -77,18 +78,24 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
     # stand for a request that is still running).
     app.state.mutations = mutations
     async def check_endpoint(authorization: str | None, rid: str, query: dict[str, str]) -> dict[str, Any]:
-        ctx = auth.context(authorization, rid, ("entitlements:read", "read"))
+        scopes = ("entitlements:read", "read")
         end_user_id = query.get("end_user_id")
         feature_key = query.get("feature_key")
-        if not end_user_id or len(end_user_id) > 255:
-            raise InvalidRequest("end_user_id is required (1 to 255 characters)", "end_user_id")
-        if not feature_key:
+        if not end_user_id or len(end_user_id) > 255 or not feature_key:
+            auth.context(authorization, rid, scopes)  # a bad key is 401 before a bad query is 400
+            if not end_user_id or len(end_user_id) > 255:
+                raise InvalidRequest("end_user_id is required (1 to 255 characters)", "end_user_id")
             raise InvalidRequest("feature_key is required", "feature_key")
+        key_hash = hash_key(bearer(authorization))
         units = query.get("units", "1")
 
         def work() -> dict[str, Any]:
+            # One statement reads the key's principal and everything the check needs.
+            real_now = now_us()
             with db.reader() as tx:
-                result = entitlements.check(tx, ctx, end_user_id, feature_key, units)
+                snap = tx.check_snapshot(key_hash, end_user_id, feature_key, real_now)
+            ctx = auth.authorize(snap, rid, scopes, real_now)
+            result = entitlements.evaluate(snap, ctx, end_user_id, feature_key, units)
             if result is entitlements.NEEDS_WRITE:
                 with db.transaction() as tx:
                     ensure_subscription(tx, ctx, end_user_id)

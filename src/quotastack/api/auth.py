@@ -6,6 +6,7 @@ import hmac
 import time
 from collections.abc import Iterable
 from functools import lru_cache
+from typing import Any
 
 from ..domain.errors import Forbidden, RateLimited, Unauthenticated
 from ..service import tenants
@@ -64,13 +65,21 @@ class Authenticator:
         key = bearer(header)
         with self.db.reader() as tx:
             principal = tenants.authenticate(tx, key)
+        return self.authorize(principal, request_id, scopes)
+
+    def authorize(self, principal: Any, request_id: str, scopes: Iterable[str], real_now_us: int | None = None,
+                  ) -> Ctx:
+        """A principal row (``Tx.key_principal`` or ``Tx.check_snapshot``) as a context, or refused."""
+        if principal is None or principal["revoked_at_us"] is not None:
+            raise Unauthenticated("unknown or revoked API key")
         held = _scopes(principal["scopes"])
-        self.limiter.take(principal["id"])
+        self.limiter.take(principal["key_id"])
         needed = tuple(scopes)
         if "admin" not in held and not any(s in held for s in needed):
             raise Forbidden(f"this key lacks the scope {needed[0]!r} for this call")
-        return Ctx(principal["tenant_id"], principal["env_id"], principal["kind"], principal["id"], held,
-                   now_us() + principal["clock_offset_us"], request_id)
+        real = now_us() if real_now_us is None else real_now_us
+        return Ctx(principal["tenant_id"], principal["env_id"], principal["kind"], principal["key_id"], held,
+                   real + principal["clock_offset_us"], request_id)
 
     def operator(self, header: str | None) -> None:
         key = bearer(header)

@@ -39,6 +39,7 @@ def request_id() -> str:
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter("quotastack_requests_total", "HTTP requests by route and status",
                                 ["route", "status"], registry=self.registry)
@@ -49,8 +50,13 @@ class Metrics:
         )
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.duration.labels(route).observe(seconds)
+        # Label children are made once per (route, status): looking them up costs on every request.
+        children = self._children.get((route, status))
+        if children is None:
+            children = (self.requests.labels(route, str(status)), self.duration.labels(route))
+            self._children[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 def _timing(start_ns: int) -> tuple[bytes, float]:

@@ -21,7 +21,7 @@ from ..domain.periods import Duration
 from . import views
 from .codec import loads
 from .context import Ctx
-from .ports import Tx
+from .ports import Row, Tx
 from .subscriptions import window_of
 
 NEEDS_WRITE: Final = object()
@@ -29,12 +29,17 @@ NEEDS_WRITE: Final = object()
 
 def check(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, units: object = 1) -> Any:
     """Could ``end_user_id`` use ``units`` of ``feature_key`` now? Reads one snapshot row."""
+    snap = tx.entitlement_snapshot(ctx.env_id, end_user_id, feature_key, ctx.now_us)
+    return evaluate(snap, ctx, end_user_id, feature_key, units)
+
+
+def evaluate(snap: Row | None, ctx: Ctx, end_user_id: str, feature_key: str, units: object = 1) -> Any:
+    """The check's answer from its snapshot (``Tx.entitlement_snapshot`` or ``Tx.check_snapshot``)."""
     result: dict[str, Any] = {
         "allowed": False, "balance": None, "end_user_id": end_user_id, "feature_key": feature_key,
         "unlimited": False, "reason": None, "resets_at": None, "units": None,
     }
-    snap = tx.entitlement_snapshot(ctx.env_id, end_user_id, feature_key, ctx.now_us)
-    if snap is None:
+    if snap is None or snap["f_key"] is None:
         result["reason"] = "unknown_feature"
         return result
     precision = snap["f_precision"]

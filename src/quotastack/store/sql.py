@@ -153,33 +153,23 @@ class SqlTx:
         None when the feature does not exist.
         """
         return self.one(
-            "SELECT f.key AS f_key, f.type AS f_type, f.precision AS f_precision, f.credit_pool AS f_pool, "
-            "f.credits_per_unit AS f_rate, pf.precision AS pool_precision, "
-            "s.id AS sub_id, s.status AS sub_status, s.anchor_us, s.current_period_start_us, "
-            "s.current_period_end_us, s.trial_end_us, s.timezone, "
-            "CASE WHEN s.next_due_us <= :t OR (s.id IS NULL AND EXISTS (SELECT 1 FROM plans p "
-            "JOIN plan_variants v ON v.plan_id = p.id WHERE p.env_id = :e AND p.is_default = :yes)) "
-            "THEN 1 ELSE 0 END AS needs_write, "
-            "eo.enabled AS own_enabled, eo.unlimited AS own_unlimited, eo.amount AS own_amount, "
-            "eo.overage AS own_overage, eo.reset AS own_reset, "
-            "ep.enabled AS pool_enabled, ep.unlimited AS pool_unlimited, ep.amount AS pool_amount, "
-            "ep.overage AS pool_overage, ep.reset AS pool_reset, "
-            "(SELECT COALESCE(SUM(b.remaining), 0) FROM blocks b WHERE b.env_id = :e AND b.end_user_id = :u "
-            "AND b.feature_key = COALESCE(f.credit_pool, f.key) AND b.status IN ('active', 'scheduled') "
-            "AND b.effective_at_us <= :t AND (b.expires_at_us IS NULL OR b.expires_at_us > :t)) AS free, "
-            "(SELECT COALESCE(SUM(h.amount), 0) FROM reservations r "
-            "JOIN reservation_holds h ON h.reservation_id = r.id JOIN blocks b ON b.id = h.block_id "
-            "WHERE r.env_id = :e AND r.end_user_id = :u AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) "
-            # The unary + keeps the planner on the end user's index, not every due reservation's.
-            "AND r.status = 'held' AND +r.expires_at_us <= :t AND b.status IN ('active', 'scheduled') "
-            "AND b.effective_at_us <= :t AND (b.expires_at_us IS NULL OR b.expires_at_us > :t)) AS returned "
-            "FROM features f "
-            "LEFT JOIN features pf ON pf.env_id = f.env_id AND pf.key = f.credit_pool "
-            "LEFT JOIN subscriptions s ON s.env_id = f.env_id AND s.end_user_id = :u AND s.live = :yes "
-            "LEFT JOIN variant_entitlements eo ON eo.variant_id = s.variant_id AND eo.feature_key = f.key "
-            "LEFT JOIN variant_entitlements ep ON ep.variant_id = s.variant_id AND ep.feature_key = f.credit_pool "
-            "WHERE f.env_id = :e AND f.key = :k",
+            _SNAPSHOT.format(env=":e", t=":t") + "FROM features f " + _SNAPSHOT_JOINS + "WHERE f.env_id = :e AND f.key = :k",
             {"e": env_id, "u": end_user_id, "k": feature_key, "t": at_us, "yes": True},
+        )
+
+    def check_snapshot(self, key_hash: str, end_user_id: str, feature_key: str, real_now_us: int) -> Row | None:
+        """The API key's principal and ``entitlement_snapshot``, together: a check is one statement.
+
+        The instant is the key's environment's (real time plus the sandbox clock's advance). The
+        feature's columns are NULL when it does not exist; None when the key does not.
+        """
+        return self.one(
+            _SNAPSHOT.format(env="k.env_id", t="(:now + e.clock_offset_us)")
+            + ", k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
+            "FROM api_keys k JOIN environments e ON e.id = k.env_id "
+            "LEFT JOIN features f ON f.env_id = k.env_id AND f.key = :k " + _SNAPSHOT_JOINS
+            + "WHERE k.key_hash = :h",
+            {"h": key_hash, "u": end_user_id, "k": feature_key, "now": real_now_us, "yes": True},
         )
 
     def reserved_total(self, env_id: int, end_user_id: str, feature_key: str) -> int:
@@ -354,7 +344,7 @@ class SqlTx:
 
     def key_principal(self, key_hash: str) -> Row | None:
         return self.one(
-            "SELECT k.id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
+            "SELECT k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
             "FROM api_keys k JOIN environments e ON e.id = k.env_id WHERE k.key_hash = :h",
             {"h": key_hash},
         )
@@ -366,6 +356,35 @@ class SqlTx:
                                 {"c": cutoff_us}).rowcount)
 
 
+# The entitlement check's columns; ``{env}`` and ``{t}`` are the environment and the instant.
+_SNAPSHOT = (
+    "SELECT f.key AS f_key, f.type AS f_type, f.precision AS f_precision, f.credit_pool AS f_pool, "
+    "f.credits_per_unit AS f_rate, pf.precision AS pool_precision, "
+    "s.id AS sub_id, s.status AS sub_status, s.anchor_us, s.current_period_start_us, "
+    "s.current_period_end_us, s.trial_end_us, s.timezone, "
+    "CASE WHEN s.next_due_us <= {t} OR (s.id IS NULL AND EXISTS (SELECT 1 FROM plans p "
+    "JOIN plan_variants v ON v.plan_id = p.id WHERE p.env_id = {env} AND p.is_default = :yes)) "
+    "THEN 1 ELSE 0 END AS needs_write, "
+    "eo.enabled AS own_enabled, eo.unlimited AS own_unlimited, eo.amount AS own_amount, "
+    "eo.overage AS own_overage, eo.reset AS own_reset, "
+    "ep.enabled AS pool_enabled, ep.unlimited AS pool_unlimited, ep.amount AS pool_amount, "
+    "ep.overage AS pool_overage, ep.reset AS pool_reset, "
+    "(SELECT COALESCE(SUM(b.remaining), 0) FROM blocks b WHERE b.env_id = {env} AND b.end_user_id = :u "
+    "AND b.feature_key = COALESCE(f.credit_pool, f.key) AND b.status IN ('active', 'scheduled') "
+    "AND b.effective_at_us <= {t} AND (b.expires_at_us IS NULL OR b.expires_at_us > {t})) AS free, "
+    "(SELECT COALESCE(SUM(h.amount), 0) FROM reservations r "
+    "JOIN reservation_holds h ON h.reservation_id = r.id JOIN blocks b ON b.id = h.block_id "
+    "WHERE r.env_id = {env} AND r.end_user_id = :u AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) "
+    # The unary + keeps the planner on the end user's index, not every due reservation's.
+    "AND r.status = 'held' AND +r.expires_at_us <= {t} AND b.status IN ('active', 'scheduled') "
+    "AND b.effective_at_us <= {t} AND (b.expires_at_us IS NULL OR b.expires_at_us > {t})) AS returned "
+)
+_SNAPSHOT_JOINS = (
+    "LEFT JOIN features pf ON pf.env_id = f.env_id AND pf.key = f.credit_pool "
+    "LEFT JOIN subscriptions s ON s.env_id = f.env_id AND s.end_user_id = :u AND s.live = :yes "
+    "LEFT JOIN variant_entitlements eo ON eo.variant_id = s.variant_id AND eo.feature_key = f.key "
+    "LEFT JOIN variant_entitlements ep ON ep.variant_id = s.variant_id AND ep.feature_key = f.credit_pool "
+)
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 
 
