@@ -75,3 +75,26 @@ def test_one_idempotency_key_from_16_clients_has_exactly_one_effect(server: Serv
     assert balance(api)["balance"] == 993
     uses = api.get("/v1/ledger", params={"end_user_id": "u", "type": "use"}).json()["data"]
     assert len(uses) == 1
+
+
+def test_concurrent_batches_over_the_same_end_users_never_deadlock(server: ServerProcess) -> None:
+    # Found by the write benchmark: batches locked end users in the order sent, and two batches
+    # with the same end users in other orders deadlocked on PostgreSQL.
+    api = new_tenant(server.base_url)
+    assert api.post("/v1/features", json={"key": "credits"}).status_code == 201
+    users = [f"b{i}" for i in range(20)]
+    for user in users:
+        assert api.post("/v1/grants", json={"end_user_id": user, "feature_key": "credits", "amount": 1000}
+                        ).status_code == 201
+
+    def batch(client: httpx.Client, i: int) -> httpx.Response:
+        order = users if i % 2 else list(reversed(users))
+        return client.post("/v1/usage/batch", json={"events": [
+            {"end_user_id": u, "feature_key": "credits", "units": 1} for u in order * 3]})
+
+    replies = at_once(api, 8, batch)
+    assert [r.status_code for r in replies] == [200] * 8
+    assert all(e["status"] == 201 for r in replies for e in r.json()["results"])
+    for user in users:
+        data = api.get(f"/v1/balances/{user}", params={"feature_key": "credits"}).json()["data"][0]
+        assert data["balance"] == 1000 - 8 * 3

@@ -436,34 +436,48 @@ def _usage_key(header_key: str | None, data: dict[str, Any]) -> str | None:
 
 
 def _batch(mutations: Mutations, tx: Tx, ctx: Ctx, events: list[Any]) -> dict[str, Any]:
-    """Each event stands alone: its own savepoint, its own idempotency key."""
-    results: list[dict[str, Any]] = []
-    for i, raw in enumerate(events):
-        try:
-            with tx.savepoint():
-                data = validate(schemas.UsageIn, raw)
-                key = _usage_key(None, data)
-                print_ = fingerprint("POST", "/v1/usage", data)
-                with mutations.claim(ctx, key):
-                    outcome = mutations.once(tx, ctx, key, print_, lambda t: usage.record_usage(t, ctx, data), 201)
-        except QuotaStackError as exc:
-            if exc.param is not None:
-                exc.param = f"events[{i}].{exc.param}"
-            results.append({"status": exc.status, "error": error_of(exc, ctx.request_id)["error"]})
-            continue
-        entry: dict[str, Any] = {"status": outcome.status}
-        if outcome.status >= 300:
-            # A stored outcome (402…) names its param as a single usage would: point it at the event.
-            error = orjson.loads(outcome.body)["error"]
-            if error["param"] is not None:
-                error["param"] = f"events[{i}].{error['param']}"
-            entry["error"] = error
-        else:
-            entry["usage"] = outcome.result if outcome.result is not None else orjson.Fragment(outcome.body)
-        if outcome.replayed:
-            entry["replayed"] = True
-        results.append(entry)
-    return {"object": "usage_batch", "results": results}
+    """Each event stands alone: its own savepoint, its own idempotency key.
+
+    Events run grouped by end user, in the order of their ids (each end user's events in the
+    order sent): a batch locks end users one by one and keeps the locks until it commits, so two
+    batches taking them in the same order can never wait on each other in a cycle. Results come
+    back in the order sent.
+    """
+    slots: list[dict[str, Any] | None] = [None] * len(events)
+
+    def end_user(i: int) -> str:
+        raw = events[i]
+        return str(raw.get("end_user_id", "")) if isinstance(raw, dict) else ""
+
+    for i in sorted(range(len(events)), key=end_user):
+        slots[i] = _batch_event(mutations, tx, ctx, i, events[i])
+    return {"object": "usage_batch", "results": slots}
+
+
+def _batch_event(mutations: Mutations, tx: Tx, ctx: Ctx, i: int, raw: Any) -> dict[str, Any]:
+    try:
+        with tx.savepoint():
+            data = validate(schemas.UsageIn, raw)
+            key = _usage_key(None, data)
+            print_ = fingerprint("POST", "/v1/usage", data)
+            with mutations.claim(ctx, key):
+                outcome = mutations.once(tx, ctx, key, print_, lambda t: usage.record_usage(t, ctx, data), 201)
+    except QuotaStackError as exc:
+        if exc.param is not None:
+            exc.param = f"events[{i}].{exc.param}"
+        return {"status": exc.status, "error": error_of(exc, ctx.request_id)["error"]}
+    entry: dict[str, Any] = {"status": outcome.status}
+    if outcome.status >= 300:
+        # A stored outcome (402…) names its param as a single usage would: point it at the event.
+        error = orjson.loads(outcome.body)["error"]
+        if error["param"] is not None:
+            error["param"] = f"events[{i}].{error['param']}"
+        entry["error"] = error
+    else:
+        entry["usage"] = outcome.result if outcome.result is not None else orjson.Fragment(outcome.body)
+    if outcome.replayed:
+        entry["replayed"] = True
+    return entry
 
 
 def _doc_file(root: FilePath, name: str) -> Response:
