@@ -7,7 +7,7 @@ are always passed as parameters.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
@@ -56,8 +56,6 @@ class Tx(Protocol):
 
     def due_subscriptions(self, env_id: int, now_us: int, limit: int) -> list[Row]: ...
 
-    def held_in_block(self, block_id: str) -> int: ...
-
     def live_subscription(self, env_id: int, end_user_id: str) -> Row | None: ...
 
     def default_variant(self, env_id: int) -> Row | None: ...
@@ -100,8 +98,6 @@ class Tx(Protocol):
     def savepoint(self) -> AbstractContextManager[None]: ...
 
     def delete_idempotency_older_than(self, cutoff_us: int) -> int: ...
-
-    def distinct_end_users(self, env_id: int) -> Iterator[str]: ...
 
 
 class Database(Protocol):

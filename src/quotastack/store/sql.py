@@ -246,11 +246,6 @@ class SqlTx:
             {"e": env_id, "f": feature_key},
         ) is not None
 
-    def distinct_end_users(self, env_id: int) -> Iterator[str]:
-        for row in self.all("SELECT end_user_id FROM end_users WHERE env_id = :e ORDER BY end_user_id",
-                            {"e": env_id}):
-            yield row["end_user_id"]
-
     def subscription_blocks(self, subscription_id: str) -> list[Row]:
         return self.all(
             "SELECT * FROM blocks WHERE subscription_id = :s AND status IN ('active', 'scheduled', 'frozen') "
@@ -306,11 +301,6 @@ class SqlTx:
         return self.all(
             "SELECT * FROM subscriptions WHERE env_id = :e AND next_due_us <= :n ORDER BY next_due_us LIMIT :l",
             {"e": env_id, "n": now_us, "l": limit})
-
-    def held_in_block(self, block_id: str) -> int:
-        return int(self.scalar(
-            "SELECT COALESCE(SUM(h.amount), 0) FROM reservation_holds h JOIN reservations r "
-            "ON r.id = h.reservation_id WHERE h.block_id = :b AND r.status = 'held'", {"b": block_id}))
 
     # ---- plans and subscriptions -------------------------------------------------------------
 
