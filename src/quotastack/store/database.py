@@ -91,9 +91,9 @@ class SqliteDatabase:
         return fn(*args)
 
     def migrate(self) -> None:
-        conn = self._connection()
+        # Open our own connection first: it puts the file in WAL mode before Alembic touches it.
+        self._connection()
         alembic_upgrade(f"sqlite:///{self.path}", creator=lambda: sqlite3.connect(self.path))
-        del conn
 
     def close(self) -> None:
         with self._lock:
