@@ -235,8 +235,6 @@ def _pricing(pricing: dict[str, Any], param: str) -> dict[str, Any]:
             if bound <= previous:
                 raise InvalidRequest("tier bounds must increase", f"{param}.tiers[{i}].up_to")
             previous = bound
-        elif not last:
-            raise AssertionError
         price = to_decimal(tier["unit_price"], f"{param}.tiers[{i}].unit_price")
         if price < 0:
             raise InvalidAmount("unit_price must not be negative", f"{param}.tiers[{i}].unit_price")

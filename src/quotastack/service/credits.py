@@ -141,12 +141,13 @@ def balances(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str | None,
         grantable(features, feature_key)
     sub = ensure_subscription(tx, ctx, end_user_id)
     keys: list[str] = []
-    if sub is not None:
-        for ent in tx.entitlements_of(sub["variant_id"]):
-            feature = features.find(ent["feature_key"])
-            if feature and feature.type == "metered" and feature.credit_pool is None:
-                keys.append(feature.key)
-    unlimited = {e["feature_key"] for e in tx.entitlements_of(sub["variant_id"]) if e["unlimited"]} if sub else set()
+    unlimited: set[str] = set()
+    for ent in tx.entitlements_of(sub["variant_id"]) if sub is not None else []:
+        feature = features.find(ent["feature_key"])
+        if feature and feature.type == "metered" and feature.credit_pool is None:
+            keys.append(feature.key)
+        if ent["unlimited"]:
+            unlimited.add(ent["feature_key"])
     for block in tx.balances_at(ctx.env_id, end_user_id, at_us if at_us is not None else ctx.now_us):
         if block["feature_key"] not in keys:
             keys.append(block["feature_key"])

@@ -2,7 +2,7 @@
 
 A reservation holds credits block by block (``reservation_holds``), so what is released goes
 back to the blocks it came from, keeping their priority and expiry. At ``expires_at`` whatever is
-still held is released: balances and checks count it from that instant (``Tx.spendable``), and the
+still held is released: balances and checks count it from that instant (``Tx.entitlement_snapshot``), and the
 ``release`` entries are written by the next request touching the balance or by the sweep.
 """
 

@@ -129,21 +129,6 @@ class SqlTx:
             {"e": env_id, "u": end_user_id, "f": feature_key},
         )
 
-    def spendable(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> int:
-        """Usable blocks' remaining, plus what expired reservations hand back to usable blocks."""
-        params = {"e": env_id, "u": end_user_id, "f": feature_key, "t": at_us}
-        free = self.scalar(
-            "SELECT COALESCE(SUM(remaining), 0) FROM blocks WHERE env_id = :e AND end_user_id = :u "
-            "AND feature_key = :f AND status IN ('active', 'scheduled') AND effective_at_us <= :t "
-            "AND (expires_at_us IS NULL OR expires_at_us > :t)", params)
-        returning = self.scalar(
-            "SELECT COALESCE(SUM(h.amount), 0) FROM reservations r "
-            "JOIN reservation_holds h ON h.reservation_id = r.id JOIN blocks b ON b.id = h.block_id "
-            "WHERE r.env_id = :e AND r.end_user_id = :u AND r.charged_feature_key = :f "
-            "AND r.status = 'held' AND r.expires_at_us <= :t AND b.status IN ('active', 'scheduled') "
-            "AND b.effective_at_us <= :t AND (b.expires_at_us IS NULL OR b.expires_at_us > :t)", params)
-        return int(free) + int(returning)
-
     def entitlement_snapshot(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> Row | None:
         """Everything the entitlement check needs, in one statement (the hot path).
 
