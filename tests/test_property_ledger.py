@@ -295,6 +295,12 @@ def test_ledger_state_machine(server: Any) -> None:
                 assert balance == self.model.balance(user)
                 assert reserved == self.model.reserved(user)
                 assert ledger_total(self.client, user, "credits") == balance + reserved
+                # The check says the same, read from the ledger or from the answers the server
+                # keeps between checks (twice: the second is the kept one on SQLite).
+                for _ in range(2):
+                    checked = self.client.get("/v1/entitlements/check",
+                                              params={"end_user_id": user, "feature_key": "credits"}).json()
+                    assert Decimal(str(checked["balance"])) == balance, checked
 
         def teardown(self) -> None:
             if hasattr(self, "client"):

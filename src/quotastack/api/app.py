@@ -21,10 +21,13 @@ from ..service.ports import Database
 from ..service.subscriptions import ensure_subscription
 from ..service.sweep import sweep
 from ..service.tenants import hash_key
+from ..store.database import SqliteDatabase
+from ..store.sql import horizon_of
 from .auth import Authenticator, RateLimiter, bearer, now_us
+from .checks import CheckCache
 from .edge import Edge, Metrics
 from .mutations import Mutations
-from .render import JSON, error_body, error_response
+from .render import JSON, dumps, error_body, error_response
 from .routes import COMPONENTS, build_router
 
 log = logging.getLogger("quotastack")
@@ -38,6 +41,8 @@ class Settings:
     # The background sweep (see service/sweep.py); 0 turns it off. It runs only where the server
     # runs the ASGI lifespan (``quotastack serve`` does).
     sweep_interval_seconds: float = 5.0
+    # Check answers kept between checks on SQLite (see checks.py); 0 turns the cache off.
+    check_cache_entries: int = 200_000
 
 
 async def _sweeping(db: Database, interval_seconds: float) -> None:
@@ -77,7 +82,11 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
     # The in-flight Idempotency-Key registry, reachable from the process (tests hold a claim to
     # stand for a request that is still running).
     app.state.mutations = mutations
-    async def check_endpoint(authorization: str | None, rid: str, query: dict[str, str]) -> dict[str, Any]:
+    cache = CheckCache(db, settings.check_cache_entries) \
+        if isinstance(db, SqliteDatabase) and settings.check_cache_entries > 0 else None
+    app.state.check_cache = cache
+
+    async def check_endpoint(authorization: str | None, rid: str, query: dict[str, str]) -> dict[str, Any] | bytes:
         scopes = ("entitlements:read", "read")
         end_user_id = query.get("end_user_id")
         feature_key = query.get("feature_key")
@@ -89,17 +98,28 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
         key_hash = hash_key(bearer(authorization))
         units = query.get("units", "1")
 
-        def work() -> dict[str, Any]:
-            # One statement reads the key's principal and everything the check needs.
+        def work() -> dict[str, Any] | bytes:
             real_now = now_us()
+            if cache is not None:
+                hit = cache.get(end_user_id, key_hash, feature_key, units, real_now)
+                if hit is not None:
+                    auth.authorize(hit[0], rid, scopes, real_now)
+                    return hit[1]
+                generation = cache.generation
+            # One statement reads the key's principal and everything the check needs.
             with db.reader() as tx:
-                snap = tx.check_snapshot(key_hash, end_user_id, feature_key, real_now)
+                snap = tx.check_snapshot(key_hash, end_user_id, feature_key, real_now, horizon=cache is not None)
             ctx = auth.authorize(snap, rid, scopes, real_now)
             result = entitlements.evaluate(snap, ctx, end_user_id, feature_key, units)
             if result is entitlements.NEEDS_WRITE:
                 with db.transaction() as tx:
                     ensure_subscription(tx, ctx, end_user_id)
                     result = entitlements.check(tx, ctx, end_user_id, feature_key, units)
+            elif cache is not None:
+                body = dumps(result)
+                cache.put(generation, end_user_id, key_hash, feature_key, units, snap, body, real_now,
+                          horizon_of(snap))
+                return body
             return result  # type: ignore[no-any-return]
 
         return await db.run(work)

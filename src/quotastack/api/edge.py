@@ -73,7 +73,7 @@ class Edge:
     costs more than the rest of a usage request on SQLite.
     """
 
-    def __init__(self, app: ASGIApp, check: Callable[..., Awaitable[dict[str, Any]]], metrics: Metrics,
+    def __init__(self, app: ASGIApp, check: Callable[..., Awaitable[dict[str, Any] | bytes]], metrics: Metrics,
                  direct: dict[tuple[str, str], Endpoint] | None = None) -> None:
         self.app = app
         self.check = check
@@ -143,7 +143,8 @@ class Edge:
                 if name == b"authorization":
                     auth = value.decode("latin-1")
                     break
-            body = dumps(await self.check(auth, rid, query))
+            answer = await self.check(auth, rid, query)
+            body = answer if isinstance(answer, bytes) else dumps(answer)
             status, retry_after = 200, None
         except QuotaStackError as exc:
             status, body = exc.status, dumps(error_of(exc, rid))

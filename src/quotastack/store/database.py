@@ -15,6 +15,10 @@ from typing import Any, TypeVar
 
 from .sql import SqlTx
 
+# Told, after every unit of work, whose entitlement checks it may have changed: a set of end
+# user ids (empty: nobody's), or None for everyone (see ``SqlTx.changed_users``).
+CommitListener = Callable[[set[str] | None], None]
+
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -39,6 +43,23 @@ class SqliteDatabase:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._listeners: list[CommitListener] = []
+
+    def on_commit(self, listener: CommitListener) -> None:
+        """Call ``listener`` after each unit of work of this process (see ``CommitListener``)."""
+        self._listeners.append(listener)
+
+    def changed_elsewhere(self) -> bool:
+        """Has another connection (another process, or another thread here) committed since this
+        thread last asked? SQLite's ``data_version``, which this connection's own commits do not
+        move; those reach the ``on_commit`` listeners instead."""
+        self._connection()
+        local = self._local
+        version = local.versions.execute("PRAGMA data_version").fetchone()[0]
+        if version == local.version:
+            return False
+        local.version = version
+        return True
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -55,6 +76,9 @@ class SqliteDatabase:
             # Read pages straight from the OS's page cache: no copy on the hot path's reads.
             conn.execute("PRAGMA mmap_size=4294967296")
             self._local.conn = conn
+            self._local.versions = conn.cursor()
+            self._local.versions.row_factory = None
+            self._local.version = None
             with self._lock:
                 self._all.append(conn)
         return conn
@@ -64,8 +88,9 @@ class SqliteDatabase:
         conn = self._connection()
         cur = conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
+        tx = SqlTx(cur)
         try:
-            yield SqlTx(cur)
+            yield tx
         except BaseException:
             conn.rollback()
             raise
@@ -73,6 +98,11 @@ class SqliteDatabase:
             conn.commit()
         finally:
             cur.close()
+            if self._listeners:
+                changed = tx.changed_users()
+                if changed is None or changed:
+                    for listener in self._listeners:
+                        listener(changed)
 
     @contextmanager
     def reader(self) -> Iterator[SqlTx]:

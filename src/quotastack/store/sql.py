@@ -15,6 +15,13 @@ from typing import Any
 from ..service.ports import Row
 
 _LIVE_STATUSES = ("trialing", "active", "paused")
+# Tables that hold one end user's state: every change to them happens after ``lock_end_user``
+# for that end user (PostgreSQL's row lock depends on it), which is how a unit of work knows
+# whose cached checks its writes outdate. Writes to these others outdate nobody's check;
+# writes to any other table (the catalog, keys, environments) may outdate everyone's.
+_END_USER_TABLES = frozenset({"end_users", "subscriptions", "blocks", "ledger_entries", "reservations",
+                              "reservation_holds", "allowance_windows", "usage_events", "refunds"})
+_NO_CHECK_TABLES = frozenset({"events", "audit_log", "idempotency_keys"})
 
 
 class SqlTx:
@@ -24,6 +31,11 @@ class SqlTx:
         self._cur = cursor
         self._pyformat = paramstyle == "pyformat"
         self._savepoints = 0
+        # Whose entitlement checks this unit of work's writes may have changed (see
+        # ``_END_USER_TABLES``): the end users it locked, or everyone.
+        self.locked_users: set[str] = set()
+        self.wrote_end_user_state = False
+        self.changed_everyone = False
 
     # ---- plumbing -------------------------------------------------------------------------
 
@@ -43,9 +55,22 @@ class SqlTx:
         row = self.execute(sql, params).fetchone()
         return None if row is None else next(iter(row.values())) if isinstance(row, dict) else row[0]
 
+    def _wrote(self, table: str) -> None:
+        if table in _END_USER_TABLES:
+            self.wrote_end_user_state = True
+        elif table not in _NO_CHECK_TABLES:
+            self.changed_everyone = True
+
+    def changed_users(self) -> set[str] | None:
+        """The end users whose checks this unit of work may have changed; None for everyone."""
+        if self.changed_everyone or (self.wrote_end_user_state and not self.locked_users):
+            return None
+        return self.locked_users if self.wrote_end_user_state else set()
+
     # ---- generic --------------------------------------------------------------------------
 
     def insert(self, table: str, row: Mapping[str, Any]) -> None:
+        self._wrote(table)
         cols = ", ".join(row)
         vals = ", ".join(f":{c}" for c in row)
         self.execute(f"INSERT INTO {table} ({cols}) VALUES ({vals})", row)
@@ -53,6 +78,7 @@ class SqlTx:
     def insert_many(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
+        self._wrote(table)
         cols = ", ".join(rows[0])
         vals = ", ".join(f":{c}" for c in rows[0])
         self._cur.executemany(self._sql(f"INSERT INTO {table} ({cols}) VALUES ({vals})"), rows)
@@ -62,6 +88,7 @@ class SqlTx:
         return self.one(f"SELECT * FROM {table} WHERE {cond}", where)
 
     def update(self, table: str, where: Mapping[str, Any], values: Mapping[str, Any]) -> int:
+        self._wrote(table)
         sets = ", ".join(f"{c} = :v_{c}" for c in values)
         cond = " AND ".join(f"{c} = :w_{c}" for c in where)
         params = {f"v_{c}": v for c, v in values.items()} | {f"w_{c}": v for c, v in where.items()}
@@ -108,6 +135,8 @@ class SqlTx:
 
     def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None:
         """Create the end user on first mention and serialise balance changes per end user."""
+        self.locked_users.add(end_user_id)
+        self._wrote("end_users")
         self.execute(
             "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
             "ON CONFLICT (env_id, end_user_id) DO NOTHING",
@@ -138,22 +167,22 @@ class SqlTx:
         None when the feature does not exist.
         """
         return self.one(
-            _SNAPSHOT.format(env=":e", t=":t") + "FROM features f " + _SNAPSHOT_JOINS + "WHERE f.env_id = :e AND f.key = :k",
+            _ENTITLEMENT_SNAPSHOT,
             {"e": env_id, "u": end_user_id, "k": feature_key, "t": at_us, "yes": True},
         )
 
-    def check_snapshot(self, key_hash: str, end_user_id: str, feature_key: str, real_now_us: int) -> Row | None:
+    def check_snapshot(self, key_hash: str, end_user_id: str, feature_key: str, real_now_us: int,
+                       horizon: bool = False) -> Row | None:
         """The API key's principal and ``entitlement_snapshot``, together: a check is one statement.
 
         The instant is the key's environment's (real time plus the sandbox clock's advance). The
-        feature's columns are NULL when it does not exist; None when the key does not.
+        feature's columns are NULL when it does not exist; None when the key does not. With
+        ``horizon``, the row also says when time alone next changes the answer (``h_*`` columns,
+        in the environment's time; see ``horizon_of``): the snapshot stays true until then, or
+        until a write.
         """
         return self.one(
-            _SNAPSHOT.format(env="k.env_id", t="(:now + e.clock_offset_us)")
-            + ", k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
-            "FROM api_keys k JOIN environments e ON e.id = k.env_id "
-            "LEFT JOIN features f ON f.env_id = k.env_id AND f.key = :k " + _SNAPSHOT_JOINS
-            + "WHERE k.key_hash = :h",
+            _CHECK_SNAPSHOT_HORIZON if horizon else _CHECK_SNAPSHOT,
             {"h": key_hash, "u": end_user_id, "k": feature_key, "now": real_now_us, "yes": True},
         )
 
@@ -260,6 +289,7 @@ class SqlTx:
 
     def upsert_window(self, subscription_id: str, feature_key: str, start_us: int, end_us: int,
                       used: int = 0) -> None:
+        self._wrote("allowance_windows")
         self.execute(
             "INSERT INTO allowance_windows (subscription_id, feature_key, window_start_us, window_end_us, used) "
             "VALUES (:s, :f, :a, :b, :u) ON CONFLICT (subscription_id, feature_key) "
@@ -267,6 +297,7 @@ class SqlTx:
             {"s": subscription_id, "f": feature_key, "a": start_us, "b": end_us, "u": used})
 
     def delete_windows(self, subscription_id: str, feature_key: str | None = None) -> None:
+        self._wrote("allowance_windows")
         if feature_key is None:
             self.execute("DELETE FROM allowance_windows WHERE subscription_id = :s", {"s": subscription_id})
         else:
@@ -274,11 +305,13 @@ class SqlTx:
                          {"s": subscription_id, "f": feature_key})
 
     def shift_windows(self, subscription_id: str, by_us: int) -> None:
+        self._wrote("allowance_windows")
         self.execute("UPDATE allowance_windows SET window_start_us = window_start_us + :d, "
                      "window_end_us = window_end_us + :d WHERE subscription_id = :s",
                      {"s": subscription_id, "d": by_us})
 
     def end_windows(self, subscription_id: str, at_us: int) -> None:
+        self._wrote("allowance_windows")
         self.execute("UPDATE allowance_windows SET window_end_us = :t WHERE subscription_id = :s",
                      {"s": subscription_id, "t": at_us})
 
@@ -360,6 +393,42 @@ _SNAPSHOT_JOINS = (
     "LEFT JOIN variant_entitlements eo ON eo.variant_id = s.variant_id AND eo.feature_key = f.key "
     "LEFT JOIN variant_entitlements ep ON ep.variant_id = s.variant_id AND ep.feature_key = f.credit_pool "
 )
+# The statements are built once: formatting them per check cost more than a tenth of a check.
+_ENTITLEMENT_SNAPSHOT = (_SNAPSHOT.format(env=":e", t=":t") + "FROM features f " + _SNAPSHOT_JOINS
+                         + "WHERE f.env_id = :e AND f.key = :k")
+_CHECK_FROM = (
+    ", k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
+    "FROM api_keys k JOIN environments e ON e.id = k.env_id "
+    "LEFT JOIN features f ON f.env_id = k.env_id AND f.key = :k " + _SNAPSHOT_JOINS + "WHERE k.key_hash = :h"
+)
+_CHECK_T = "(:now + e.clock_offset_us)"
+# When time alone next changes a check's answer: the subscription's next boundary, the next block
+# of the charged feature to take effect or to expire, the next held reservation to expire. (The
+# unary + and the "+ 0" keep the planner on the end user's indexes, not the sweep's "due" ones,
+# which it would walk in expiry order for the minimum.)
+_HORIZON = (
+    ", s.next_due_us AS h_due, "
+    "(SELECT MIN(b.effective_at_us) FROM blocks b WHERE b.env_id = k.env_id AND b.end_user_id = :u "
+    "AND b.feature_key = COALESCE(f.credit_pool, f.key) AND b.status IN ('active', 'scheduled') "
+    "AND b.effective_at_us > {t}) AS h_effective, "
+    "(SELECT MIN(b.expires_at_us + 0) FROM blocks b WHERE b.env_id = k.env_id AND b.end_user_id = :u "
+    "AND b.feature_key = COALESCE(f.credit_pool, f.key) AND b.status IN ('active', 'scheduled') "
+    "AND +b.expires_at_us > {t}) AS h_expires, "
+    "(SELECT MIN(r.expires_at_us + 0) FROM reservations r WHERE r.env_id = k.env_id AND r.end_user_id = :u "
+    "AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) AND r.status = 'held' "
+    "AND +r.expires_at_us > {t}) AS h_reservation "
+).format(t=_CHECK_T)
+_CHECK_SNAPSHOT = _SNAPSHOT.format(env="k.env_id", t=_CHECK_T) + _CHECK_FROM
+_CHECK_SNAPSHOT_HORIZON = _SNAPSHOT.format(env="k.env_id", t=_CHECK_T) + _HORIZON + _CHECK_FROM
+
+
+def horizon_of(snap: Row) -> int | None:
+    """The first instant (environment time) after which a ``check_snapshot(horizon=True)`` row may
+    no longer hold without any write: None when no instant ahead changes it."""
+    instants = [snap[c] for c in ("h_due", "h_effective", "h_expires", "h_reservation") if snap[c] is not None]
+    return min(instants) if instants else None
+
+
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 
 

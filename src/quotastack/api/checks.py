@@ -1,0 +1,92 @@
+"""Answers to the entitlement check, kept between checks on SQLite.
+
+On the embedded engine every write of this process goes through one ``SqliteDatabase``, which
+tells this cache whose checks each unit of work may have changed (the end users it locked, or
+everyone when it touched the catalog, keys or environments); a commit by any other connection
+(another process on the same file, ``quotastack worker``) moves SQLite's ``data_version``, which
+every lookup compares first and which empties the cache. An answer is also dated: it holds from
+the instant it was read until the first instant at which time alone changes it (the next
+renewal or reset, the next block to take effect or expire, the next reservation to expire; see
+``SqlTx.check_snapshot``). So a cached answer is exactly what the ledger would say: it never
+lags a write or a boundary.
+
+What is kept is the response body, per end user, key, feature and ``units``, with the key's
+principal: every hit is still authorised (scopes, revocation, rate limit) like a miss.
+PostgreSQL deployments run several processes that write without telling each other, so they
+read every check from the database.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..store.database import SqliteDatabase
+
+# principal, body, valid from (real µs, inclusive), valid until (real µs, exclusive)
+Entry = tuple[dict[str, Any], bytes, int, int]
+PRINCIPAL_COLUMNS = ("key_id", "env_id", "scopes", "revoked_at_us", "tenant_id", "kind", "clock_offset_us")
+FOREVER = 2**63
+
+
+class CheckCache:
+    def __init__(self, db: SqliteDatabase, max_entries: int) -> None:
+        self.db = db
+        self.max_entries = max_entries
+        self._users: dict[str, dict[tuple[str, str, str], Entry]] = {}
+        self._principals: dict[str, dict[str, Any]] = {}  # by key hash; a key change empties all
+        self._size = 0
+        # Bumped by every invalidation: an answer read before one is not stored after it.
+        self.generation = 0
+        self.hits = self.misses = 0
+        db.on_commit(self.forget)
+
+    def forget(self, end_users: set[str] | None) -> None:
+        """Drop the answers of ``end_users`` (None: of everyone)."""
+        self.generation += 1
+        if end_users is None:
+            self._users.clear()
+            self._principals.clear()
+            self._size = 0
+            return
+        for end_user_id in end_users:
+            entries = self._users.pop(end_user_id, None)
+            if entries is not None:
+                self._size -= len(entries)
+
+    def get(self, end_user_id: str, key_hash: str, feature_key: str, units: str, real_now_us: int,
+            ) -> Entry | None:
+        if self.db.changed_elsewhere():
+            self.forget(None)
+            self.misses += 1
+            return None
+        entries = self._users.get(end_user_id)
+        entry = None if entries is None else entries.get((key_hash, feature_key, units))
+        if entry is None or not entry[2] <= real_now_us < entry[3]:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry
+
+    def put(self, generation: int, end_user_id: str, key_hash: str, feature_key: str, units: str,
+            snap: dict[str, Any], body: bytes, real_now_us: int, horizon_us: int | None) -> None:
+        """Keep ``body``, read from ``snap`` at ``real_now_us`` when the cache was at ``generation``."""
+        if generation != self.generation or self.max_entries <= 0:
+            return
+        offset = snap["clock_offset_us"]
+        until = FOREVER if horizon_us is None else horizon_us - offset
+        principal = self._principals.get(key_hash)
+        if principal is None:
+            principal = self._principals[key_hash] = {c: snap[c] for c in PRINCIPAL_COLUMNS}
+        entries = self._users.get(end_user_id)
+        if entries is None:
+            while self._size >= self.max_entries and self._users:
+                # Oldest end user first (dicts keep insertion order).
+                self._size -= len(self._users.pop(next(iter(self._users))))
+            entries = self._users[end_user_id] = {}
+        key = (key_hash, feature_key, units)
+        if key not in entries:
+            self._size += 1
+        entries[key] = (principal, body, real_now_us, until)
+
+    def __len__(self) -> int:
+        return self._size

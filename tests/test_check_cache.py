@@ -1,0 +1,222 @@
+"""The check's answers kept between checks (SQLite, api/checks.py) never lag the ledger.
+
+Every test runs on both engines (PostgreSQL reads every check from the database, so there the
+same timelines prove the uncached path); on SQLite each one also proves that the cache answered
+some of its checks, so none of them passes by never caching.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quotastack.api.app import Settings
+from quotastack.service import credits
+from quotastack.service.context import Ctx
+from quotastack.store import open_database
+
+from .conftest import Api, Server, assert_error, feature, grant, instant, new_tenant, rfc3339, subscribe, use, variant
+from .serving import OPERATOR_KEY, database_url, serve
+
+
+def check(api: Api, end_user_id: str, feature_key: str = "api_calls", **params: Any) -> dict[str, Any]:
+    return api.ok("GET", "/v1/entitlements/check",  # type: ignore[no-any-return]
+                  params={"end_user_id": end_user_id, "feature_key": feature_key, **params})
+
+
+class Hits:
+    """How many checks the server's cache answered since the last call (None without a cache)."""
+
+    def __init__(self, server: Server) -> None:
+        self.cache = server.app.app.state.check_cache
+        self.seen = self.cache.hits if self.cache is not None else 0
+
+    def new(self) -> int | None:
+        if self.cache is None:
+            return None
+        hits, self.seen = self.cache.hits - self.seen, self.cache.hits
+        return hits  # type: ignore[no-any-return]
+
+
+def cached(hits: Hits) -> None:
+    """On SQLite, the checks since the last call were (at least partly) answered from the cache."""
+    assert hits.new() in (None, *range(1, 1000))
+
+
+@pytest.fixture
+def hits(server: Server) -> Hits:
+    return Hits(server)
+
+
+def plan(api: Api, amount: int = 100) -> str:
+    feature(api, "api_calls")
+    return str(variant(api, [{"feature_key": "api_calls", "amount": amount}])["id"])
+
+
+def test_every_write_reaches_the_next_check(api: Api, hits: Hits) -> None:
+    subscribe(api, "u1", plan(api))
+    assert check(api, "u1")["balance"] == 100
+    assert check(api, "u1")["balance"] == 100
+    assert check(api, "u1", units=150)["allowed"] is False
+    assert check(api, "u1", units=150)["reason"] == "insufficient_balance"
+    cached(hits)
+    assert use(api, "u1", "api_calls", 30).status == 201
+    assert check(api, "u1")["balance"] == 70
+    block = grant(api, "u1", "api_calls", 80)
+    assert (check(api, "u1", units=150)["allowed"], check(api, "u1")["balance"]) == (True, 150)
+    rsv = api.ok("POST", "/v1/reservations", {"end_user_id": "u1", "feature_key": "api_calls", "units": 50}, 201)
+    assert check(api, "u1")["balance"] == 100
+    api.ok("POST", f"/v1/reservations/{rsv['id']}/release", {})
+    assert check(api, "u1")["balance"] == 150
+    api.ok("POST", f"/v1/grants/{block['id']}/void", {})
+    assert check(api, "u1")["balance"] == 70
+    assert check(api, "u1")["balance"] == 70
+    cached(hits)
+    # A checked end user the service has never seen is created by the check's write path.
+    assert check(api, "nobody")["reason"] == "no_entitlement"
+    assert check(api, "nobody")["reason"] == "no_entitlement"
+
+
+def test_a_revoked_key_is_refused_by_the_next_check(server: Server, hits: Hits) -> None:
+    tenant = new_tenant(server.base_url)
+    api = tenant.sandbox
+    subscribe(api, "u1", plan(api))
+    minted = api.ok("POST", "/v1/api_keys", {"name": "app", "scopes": ["entitlements:read"]}, 201)
+    app = Api(server.base_url, minted["key"])
+    try:
+        assert check(app, "u1")["balance"] == 100
+        assert check(app, "u1")["balance"] == 100
+        cached(hits)
+        api.ok("DELETE", f"/v1/api_keys/{minted['id']}")
+        assert_error(app.get("/v1/entitlements/check", params={"end_user_id": "u1", "feature_key": "api_calls"}),
+                     401, "unauthenticated")
+        # The same cached answer is not served to a key without the scope either.
+        usage_only = Api(server.base_url, api.ok("POST", "/v1/api_keys", {
+            "name": "meter", "scopes": ["usage:write"]}, 201)["key"])
+        assert_error(usage_only.get("/v1/entitlements/check", params={"end_user_id": "u1", "feature_key": "api_calls"}),
+                     403, "forbidden")
+        usage_only.close()
+    finally:
+        app.close()
+        tenant.sandbox.close()
+        tenant.live.close()
+
+
+def test_catalog_and_clock_changes_reach_the_next_check(api: Api, hits: Hits) -> None:
+    sub = subscribe(api, "u1", plan(api))
+    assert check(api, "u1", "tokens")["reason"] == "unknown_feature"
+    assert check(api, "u1", "tokens")["reason"] == "unknown_feature"
+    cached(hits)
+    feature(api, "tokens")
+    assert check(api, "u1", "tokens")["reason"] == "no_entitlement"
+    # Past the period's end on the sandbox clock: the renewal grants a new 100.
+    assert use(api, "u1", "api_calls", 60).status == 201
+    assert check(api, "u1")["balance"] == 40
+    assert check(api, "u1")["balance"] == 40
+    api.ok("POST", "/v1/test_clock/advance", {"to": sub["current_period_end"]})
+    renewed = check(api, "u1")
+    assert renewed["balance"] == 100 and renewed["resets_at"] != sub["current_period_end"]
+
+
+def test_expiries_reach_the_check_at_their_instant_without_any_write(api: Api, hits: Hits) -> None:
+    """Real time, no request in between: a cached answer knows when it stops being true."""
+    feature(api, "api_calls")
+    now = instant(api.ok("GET", "/v1/test_clock")["now"])
+    soon = rfc3339(now + timedelta(seconds=1.5))
+    for user in ("u1", "u2"):
+        grant(api, user, "api_calls", 100)
+        grant(api, user, "api_calls", 5, expires_at=soon)
+    # u1's reservation draws the soonest-expiring block first: the 5, then 35 of the 100.
+    api.ok("POST", "/v1/reservations",
+           {"end_user_id": "u1", "feature_key": "api_calls", "units": 40, "ttl_seconds": 3}, 201)
+    assert (check(api, "u1")["balance"], check(api, "u2")["balance"]) == (65, 105)
+    assert (check(api, "u1")["balance"], check(api, "u2")["balance"]) == (65, 105)
+    cached(hits)
+    seen: dict[str, list[int]] = {"u1": [], "u2": []}
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (seen["u1"][-1:], seen["u2"][-1:]) != ([100], [100]):
+        for user in seen:
+            balance = check(api, user)["balance"]
+            if seen[user][-1:] != [balance]:
+                seen[user].append(balance)
+        time.sleep(0.02)
+    # u2 loses its 5 at 1.5 s; u1's 5 are held, so nothing changes for it then, and at 3 s the
+    # expired reservation gives back the 35 that are still usable (the 5 go with their block).
+    assert seen == {"u1": [65, 100], "u2": [105, 100]}
+    cached(hits)
+
+
+def test_a_write_by_another_connection_reaches_the_next_check(tmp_path: Path) -> None:
+    """Another process (or ``quotastack worker``) writes the same SQLite file: SQLite's
+    ``data_version`` tells the server, which tells nothing to its cache otherwise."""
+    url = database_url("sqlite", tmp_path)
+    with serve(url, Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0)) as running:
+        tenant = new_tenant(running.base_url)
+        api = tenant.sandbox
+        hits = Hits(running)
+        try:
+            feature(api, "api_calls")
+            grant(api, "u1", "api_calls", 10)
+            assert check(api, "u1")["balance"] == 10
+            assert check(api, "u1")["balance"] == 10
+            cached(hits)
+            other = open_database(url)  # a second connection, as a second process would have
+            try:
+                env = other_env(other, tenant.created)
+                with other.transaction() as tx:
+                    ctx = Ctx(tenant.id, env, "sandbox", None, frozenset({"admin"}),
+                              time.time_ns() // 1000, "req_other")
+                    credits.grant(tx, ctx, {"end_user_id": "u1", "feature_key": "api_calls", "amount": 7})
+            finally:
+                other.close()
+            assert check(api, "u1")["balance"] == 17
+        finally:
+            tenant.sandbox.close()
+            tenant.live.close()
+
+
+def other_env(db: Any, created: dict[str, Any]) -> int:
+    with db.reader() as tx:
+        row = tx.one("SELECT e.id FROM environments e JOIN tenants t ON t.id = e.tenant_id "
+                     "WHERE t.id = :t AND e.kind = 'sandbox'", {"t": created["id"]})
+    return int(row["id"])
+
+
+def test_the_cache_keeps_at_most_its_size(tmp_path: Path) -> None:
+    with serve(database_url("sqlite", tmp_path),
+               Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0, check_cache_entries=3)) as running:
+        tenant = new_tenant(running.base_url)
+        api = tenant.sandbox
+        cache = running.app.app.state.check_cache
+        try:
+            feature(api, "api_calls")
+            for n in range(6):
+                grant(api, f"u{n}", "api_calls", n + 1)
+            for n in range(6):
+                assert check(api, f"u{n}")["balance"] == n + 1
+                assert len(cache) <= 3
+            assert check(api, "u5")["balance"] == 6  # the newest are kept
+            hits = cache.hits
+            assert check(api, "u5")["balance"] == 6
+            assert cache.hits == hits + 1
+        finally:
+            tenant.sandbox.close()
+            tenant.live.close()
+
+
+def test_without_a_cache_the_check_reads_the_database(tmp_path: Path) -> None:
+    with serve(database_url("sqlite", tmp_path),
+               Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0, check_cache_entries=0)) as running:
+        assert running.app.app.state.check_cache is None
+        tenant = new_tenant(running.base_url)
+        try:
+            feature(tenant.sandbox, "api_calls")
+            grant(tenant.sandbox, "u1", "api_calls", 3)
+            assert check(tenant.sandbox, "u1")["balance"] == 3
+        finally:
+            tenant.sandbox.close()
+            tenant.live.close()
