@@ -4,7 +4,8 @@ On the embedded engine every write of this process goes through one ``SqliteData
 tells this cache whose checks each unit of work may have changed (the end users it locked, or
 everyone when it touched the catalog, keys or environments); a commit by any other connection
 (another process on the same file, ``quotastack worker``) moves SQLite's ``data_version``, which
-every lookup compares first and which empties the cache. An answer is also dated: it holds from
+the first lookup of every burst of requests reads first (see ``_unversion``), and which empties
+the cache. An answer is also dated: it holds from
 the instant it was read until the first instant at which time alone changes it (the next
 renewal or reset, the next block to take effect or expire, the next reservation to expire; see
 ``SqlTx.check_snapshot``). So a cached answer is exactly what the ledger would say: it never
@@ -18,12 +19,16 @@ read every check from the database.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ..store.database import SqliteDatabase
 
-# principal, body, valid from (real µs, inclusive), valid until (real µs, exclusive)
-Entry = tuple[dict[str, Any], bytes, int, int]
+# body, valid from (real µs, inclusive), valid until (real µs, exclusive); the key's principal
+# is kept once per key. Entries and their keys hold only strings, bytes and ints, which the
+# garbage collector stops tracking: a full cache costs its collections nothing. (The parts of an
+# entry's key are joined by NUL, which the edge refuses in any query: no two keys collide.)
+Entry = tuple[bytes, int, int]
 PRINCIPAL_COLUMNS = ("key_id", "env_id", "scopes", "revoked_at_us", "tenant_id", "kind", "clock_offset_us")
 FOREVER = 2**63
 
@@ -32,13 +37,26 @@ class CheckCache:
     def __init__(self, db: SqliteDatabase, max_entries: int) -> None:
         self.db = db
         self.max_entries = max_entries
-        self._users: dict[str, dict[tuple[str, str, str], Entry]] = {}
+        self._users: dict[str, dict[str, Entry]] = {}
         self._principals: dict[str, dict[str, Any]] = {}  # by key hash; a key change empties all
         self._size = 0
         # Bumped by every invalidation: an answer read before one is not stored after it.
         self.generation = 0
         self.hits = self.misses = 0
+        # Whether another connection's commits have been looked for since the last request
+        # arrived (see ``_unversion``).
+        self._versioned = False
         db.on_commit(self.forget)
+
+    def _unversion(self) -> None:
+        """Queued on the event loop when ``data_version`` is read, so it runs before the handler
+        of every request that arrives after that read (the loop runs its callbacks in the order
+        they were queued, and a request's handler is queued when its bytes arrive). Until it runs,
+        the checks being handled all arrived before the read, and a commit that completed before
+        any of them arrived is already counted: they need not read it again. One read serves a
+        whole burst of requests, and no check can miss a commit that completed before it came in.
+        """
+        self._versioned = False
 
     def forget(self, end_users: set[str] | None) -> None:
         """Drop the answers of ``end_users`` (None: of everyone)."""
@@ -54,18 +72,22 @@ class CheckCache:
                 self._size -= len(entries)
 
     def get(self, end_user_id: str, key_hash: str, feature_key: str, units: str, real_now_us: int,
-            ) -> Entry | None:
-        if self.db.changed_elsewhere():
-            self.forget(None)
-            self.misses += 1
-            return None
+            ) -> tuple[dict[str, Any], bytes] | None:
+        """The key's principal and the kept body, when there is one that holds now."""
+        if not self._versioned:
+            self._versioned = True
+            asyncio.get_running_loop().call_soon(self._unversion)
+            if self.db.changed_elsewhere():
+                self.forget(None)
+                self.misses += 1
+                return None
         entries = self._users.get(end_user_id)
-        entry = None if entries is None else entries.get((key_hash, feature_key, units))
-        if entry is None or not entry[2] <= real_now_us < entry[3]:
+        entry = None if entries is None else entries.get(f"{key_hash}\0{feature_key}\0{units}")
+        if entry is None or not entry[1] <= real_now_us < entry[2]:
             self.misses += 1
             return None
         self.hits += 1
-        return entry
+        return self._principals[key_hash], entry[0]
 
     def put(self, generation: int, end_user_id: str, key_hash: str, feature_key: str, units: str,
             snap: dict[str, Any], body: bytes, real_now_us: int, horizon_us: int | None) -> None:
@@ -74,19 +96,18 @@ class CheckCache:
             return
         offset = snap["clock_offset_us"]
         until = FOREVER if horizon_us is None else horizon_us - offset
-        principal = self._principals.get(key_hash)
-        if principal is None:
-            principal = self._principals[key_hash] = {c: snap[c] for c in PRINCIPAL_COLUMNS}
+        if key_hash not in self._principals:
+            self._principals[key_hash] = {c: snap[c] for c in PRINCIPAL_COLUMNS}
         entries = self._users.get(end_user_id)
         if entries is None:
             while self._size >= self.max_entries and self._users:
                 # Oldest end user first (dicts keep insertion order).
                 self._size -= len(self._users.pop(next(iter(self._users))))
             entries = self._users[end_user_id] = {}
-        key = (key_hash, feature_key, units)
+        key = f"{key_hash}\0{feature_key}\0{units}"
         if key not in entries:
             self._size += 1
-        entries[key] = (principal, body, real_now_us, until)
+        entries[key] = (body, real_now_us, until)
 
     def __len__(self) -> int:
         return self._size

@@ -59,6 +59,14 @@ class Metrics:
         children[1].observe(seconds)
 
 
+def parse_query(raw: bytes) -> dict[str, str]:
+    """``dict(parse_qsl(…, keep_blank_values=True))``, without its cost when nothing is escaped."""
+    text = raw.decode("latin-1")
+    if "%" in text or "+" in text:
+        return dict(parse_qsl(text, keep_blank_values=True))
+    return dict(field.partition("=")[::2] for field in text.split("&") if field)  # type: ignore[misc]
+
+
 def _timing(start_ns: int) -> tuple[bytes, float]:
     elapsed = time.perf_counter_ns() - start_ns
     return f"app;dur={elapsed / 1e6:.3f}".encode(), elapsed / 1e9
@@ -137,7 +145,7 @@ class Edge:
 
     async def _check(self, scope: Scope, send: Any, rid: str, start_ns: int) -> None:
         try:
-            query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+            query = parse_query(scope["query_string"])
             auth = None
             for name, value in scope["headers"]:
                 if name == b"authorization":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from typing import Any
 
 from ..domain.errors import Forbidden, InvalidRequest, NotFound, Unauthenticated
@@ -17,6 +18,7 @@ SCOPES = ("admin", "catalog:write", "subscriptions:write", "credits:write", "usa
 ENVIRONMENTS = {"sandbox": "qs_test_", "live": "qs_live_"}
 
 
+@lru_cache(maxsize=4096)  # a check or usage call hashes the caller's key: once per key is enough
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
