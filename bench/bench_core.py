@@ -8,7 +8,8 @@
 What it does (see bench/README.md for what each figure means):
 
 1. Seeds (or takes from bench/.cache/) a SQLite database with USERS end users and 10 ledger entries
-   each, plus one with USERS/10 end users (the "ledger ten times smaller" comparison).
+   each, plus one with the same end users and one entry each (the "ledger ten times smaller"
+   comparison: only the ledger differs, not how many end users the checks spread over).
 2. For each run: copies each seeded DB fresh, starts the real server on it
    (``.venv/bin/quotastack serve`` on 127.0.0.1, a free port, pinned to CPU 0 with taskset when the
    machine has ≥ 2 CPUs), and drives it from CPU 1 with wrk (or the asyncio fallback client):
@@ -701,7 +702,7 @@ def main() -> int:
         cfg.max_wait_quiet = 10.0 if cfg.quick else 60.0
     if cfg.noisy_retries is None:
         cfg.noisy_retries = 0 if cfg.quick else 2
-    small_users = max(1, cfg.users // 10)
+    small_entries = max(1, cfg.entries_per_user // 10)
 
     if not (VENV_BIN / "quotastack").exists():
         raise SystemExit(f"{VENV_BIN / 'quotastack'} not found: create the venv first")
@@ -737,7 +738,7 @@ def main() -> int:
         print(f"  WARNING: {exc}: the service and the ceiling would not run the same stack")
     try:
         dbs = {"big": seeded_db(cfg.users, cfg.entries_per_user, workdir, cfg.rebuild_cache),
-               "small": seeded_db(small_users, cfg.entries_per_user, workdir, cfg.rebuild_cache)}
+               "small": seeded_db(cfg.users, small_entries, workdir, cfg.rebuild_cache)}
         for which, (path, meta) in dbs.items():
             print(f"  {which} DB: {meta['end_users']:,} end users, {meta['ledger_entries']:,} ledger entries, "
                   f"{path.stat().st_size / 2**20:.0f} MiB ({'from the cache; ' if meta['cached'] else ''}seeded in "

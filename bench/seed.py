@@ -108,7 +108,7 @@ def _template(conn: sqlite3.Connection, table: str, where: str = "end_user_id = 
 
 def bulk_seed(path: str, users: int, entries_per_user: int, rng_seed: int = 42) -> dict[str, Any]:
     """Replicate the template end user ``users`` times, straight into the SQLite file at ``path``."""
-    assert entries_per_user >= 2
+    assert entries_per_user >= 1  # the grant, then entries_per_user - 1 uses
     rng = random.Random(rng_seed)
     conn = sqlite3.connect(path, isolation_level=None)
     sub_t = _template(conn, "subscriptions")

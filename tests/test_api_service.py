@@ -37,7 +37,14 @@ def test_metrics_count_each_request_by_route_and_status(anonymous: Api, api: Api
     assert _counter(after.text, check, 200) - _counter(before, check, 200) == 1
     one = "/v1/features/{key}"
     assert _counter(after.text, one, 404) - _counter(before, one, 404) == 1
-    assert "quotastack_request_duration_seconds_bucket" in after.text
+    # The histogram adds up: its +Inf bucket and its count are every request of the route.
+    route = re.escape(check)
+    inf = re.search(rf'^quotastack_request_duration_seconds_bucket\{{le="\+Inf",route="{route}"\}} (\S+)$',
+                    after.text, re.MULTILINE)
+    count = re.search(rf'^quotastack_request_duration_seconds_count\{{route="{route}"\}} (\S+)$',
+                      after.text, re.MULTILINE)
+    assert inf and count and float(inf.group(1)) == float(count.group(1)) >= 1
+    assert float(count.group(1)) == sum(_counter(after.text, check, s) for s in (200, 400, 401, 403, 404, 429))
 
 
 def test_openapi_json_documents_every_route(anonymous: Api) -> None:

@@ -186,6 +186,20 @@ def other_env(db: Any, created: dict[str, Any]) -> int:
     return int(row["id"])
 
 
+def test_metrics_count_what_the_cache_answered(server: Server, api: Api) -> None:
+    feature(api, "api_calls")
+    grant(api, "u1", "api_calls", 1)
+    check(api, "u1")
+    check(api, "u1")
+    text = api.get("/metrics").text
+    if server.app.app.state.check_cache is None:
+        assert "quotastack_check_cache" not in text
+        return
+    hit = [line for line in text.splitlines() if line.startswith('quotastack_check_cache_lookups_total{result="hit"}')]
+    assert hit and float(hit[0].split()[-1]) >= 1
+    assert "quotastack_check_cache_entries " in text
+
+
 def test_the_cache_keeps_at_most_its_size(tmp_path: Path) -> None:
     with serve(database_url("sqlite", tmp_path),
                Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0, check_cache_entries=3)) as running:

@@ -85,6 +85,8 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
     cache = CheckCache(db, settings.check_cache_entries) \
         if isinstance(db, SqliteDatabase) and settings.check_cache_entries > 0 else None
     app.state.check_cache = cache
+    if cache is not None:
+        metrics.extra.append(cache.metrics)
 
     async def check_endpoint(authorization: str | None, rid: str, query: dict[str, str]) -> dict[str, Any] | bytes:
         scopes = ("entitlements:read", "read")

@@ -20,7 +20,10 @@ read every check from the database.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..store.database import SqliteDatabase
 
@@ -111,3 +114,12 @@ class CheckCache:
 
     def __len__(self) -> int:
         return self._size
+
+    def metrics(self) -> Iterator[Metric]:
+        """For ``GET /metrics``."""
+        lookups = CounterMetricFamily("quotastack_check_cache_lookups", "Entitlement checks looked up in the "
+                                      "answers kept between checks, by result", labels=["result"])
+        lookups.add_metric(["hit"], self.hits)
+        lookups.add_metric(["miss"], self.misses)
+        yield lookups
+        yield GaugeMetricFamily("quotastack_check_cache_entries", "Answers kept between checks", value=self._size)

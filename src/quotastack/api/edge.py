@@ -8,14 +8,17 @@ routed endpoint) and hands every other request to the FastAPI app.
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -37,26 +40,52 @@ def request_id() -> str:
     return f"{_REQUEST_PREFIX}{next(_request_numbers):08x}"
 
 
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5)
+
+
 class Metrics:
+    """Requests by route and status, and their time in the server, for ``GET /metrics``.
+
+    A request adds to plain counters (a Prometheus client's counter and histogram cost several
+    times more, with a lock per value; this process's event loop is the only writer), which
+    ``collect`` turns into the two metric families at scrape time.
+    """
+
     def __init__(self) -> None:
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        # (route, status) -> [count per bucket, …, count above the last bucket, sum of seconds]
+        self._stats: dict[tuple[str, int], list[float]] = {}
+        self.extra: list[Callable[[], Iterable[Metric]]] = []
         self.registry = CollectorRegistry()
-        self.requests = Counter("quotastack_requests_total", "HTTP requests by route and status",
-                                ["route", "status"], registry=self.registry)
-        self.duration = Histogram(
-            "quotastack_request_duration_seconds", "Time spent in the server per request, by route",
-            ["route"], registry=self.registry,
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5),
-        )
+        self.registry.register(self)  # type: ignore[arg-type]
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        # Label children are made once per (route, status): looking them up costs on every request.
-        children = self._children.get((route, status))
-        if children is None:
-            children = (self.requests.labels(route, str(status)), self.duration.labels(route))
-            self._children[(route, status)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        stats = self._stats.get((route, status))
+        if stats is None:
+            stats = self._stats[(route, status)] = [0] * (len(BUCKETS) + 2)
+        stats[bisect_left(BUCKETS, seconds)] += 1
+        stats[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("quotastack_requests", "HTTP requests by route and status",
+                                       labels=["route", "status"])
+        duration = HistogramMetricFamily("quotastack_request_duration_seconds",
+                                         "Time spent in the server per request, by route", labels=["route"])
+        by_route: dict[str, list[float]] = {}
+        for (route, status), stats in list(self._stats.items()):
+            requests.add_metric([route, str(status)], sum(stats[:-1]))
+            total = by_route.setdefault(route, [0] * len(stats))
+            for i, value in enumerate(stats):
+                total[i] += value
+        for route, total in by_route.items():
+            cumulative, buckets = 0.0, []
+            for bound, count in zip((*(floatToGoString(b) for b in BUCKETS), "+Inf"), total[:-1]):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            duration.add_metric([route], buckets, total[-1])
+        yield requests
+        yield duration
+        for more in self.extra:
+            yield from more()
 
 
 def parse_query(raw: bytes) -> dict[str, str]:
