@@ -127,26 +127,27 @@ def test_expiries_reach_the_check_at_their_instant_without_any_write(api: Api, h
     feature(api, "api_calls")
     now = instant(api.ok("GET", "/v1/test_clock")["now"])
     soon = rfc3339(now + timedelta(seconds=1.5))
-    for user in ("u1", "u2"):
+    for user in ("u1", "u2", "u3"):
         grant(api, user, "api_calls", 100)
-        grant(api, user, "api_calls", 5, expires_at=soon)
+        grant(api, user, "api_calls", 5, **({"effective_at": soon} if user == "u3" else {"expires_at": soon}))
     # u1's reservation draws the soonest-expiring block first: the 5, then 35 of the 100.
     api.ok("POST", "/v1/reservations",
            {"end_user_id": "u1", "feature_key": "api_calls", "units": 40, "ttl_seconds": 3}, 201)
-    assert (check(api, "u1")["balance"], check(api, "u2")["balance"]) == (65, 105)
-    assert (check(api, "u1")["balance"], check(api, "u2")["balance"]) == (65, 105)
+    for _ in range(2):
+        assert [check(api, user)["balance"] for user in ("u1", "u2", "u3")] == [65, 105, 100]
     cached(hits)
-    seen: dict[str, list[int]] = {"u1": [], "u2": []}
+    seen: dict[str, list[int]] = {"u1": [], "u2": [], "u3": []}
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and (seen["u1"][-1:], seen["u2"][-1:]) != ([100], [100]):
+    while time.monotonic() < deadline and [s[-1:] for s in seen.values()] != [[100], [100], [105]]:
         for user in seen:
             balance = check(api, user)["balance"]
             if seen[user][-1:] != [balance]:
                 seen[user].append(balance)
         time.sleep(0.02)
-    # u2 loses its 5 at 1.5 s; u1's 5 are held, so nothing changes for it then, and at 3 s the
-    # expired reservation gives back the 35 that are still usable (the 5 go with their block).
-    assert seen == {"u1": [65, 100], "u2": [105, 100]}
+    # u2 loses its 5 at 1.5 s and u3 gains its 5 then; u1's 5 are held, so nothing changes for it
+    # then, and at 3 s the expired reservation gives back the 35 that are still usable (the 5 go
+    # with their block).
+    assert seen == {"u1": [65, 100], "u2": [105, 100], "u3": [100, 105]}
     cached(hits)
 
 

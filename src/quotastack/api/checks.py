@@ -20,6 +20,7 @@ read every check from the database.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +47,9 @@ class CheckCache:
         # Bumped by every invalidation: an answer read before one is not stored after it.
         self.generation = 0
         self.hits = self.misses = 0
+        # Lookups run on the event loop's thread; a unit of work committed on another thread of
+        # the process (a test's, a CLI's) may forget answers meanwhile.
+        self._lock = threading.Lock()
         # Whether another connection's commits have been looked for since the last request
         # arrived (see ``_unversion``).
         self._versioned = False
@@ -63,16 +67,17 @@ class CheckCache:
 
     def forget(self, end_users: set[str] | None) -> None:
         """Drop the answers of ``end_users`` (None: of everyone)."""
-        self.generation += 1
-        if end_users is None:
-            self._users.clear()
-            self._principals.clear()
-            self._size = 0
-            return
-        for end_user_id in end_users:
-            entries = self._users.pop(end_user_id, None)
-            if entries is not None:
-                self._size -= len(entries)
+        with self._lock:
+            self.generation += 1
+            if end_users is None:
+                self._users.clear()
+                self._principals.clear()
+                self._size = 0
+                return
+            for end_user_id in end_users:
+                entries = self._users.pop(end_user_id, None)
+                if entries is not None:
+                    self._size -= len(entries)
 
     def get(self, end_user_id: str, key_hash: str, feature_key: str, units: str, real_now_us: int,
             ) -> tuple[dict[str, Any], bytes] | None:
@@ -89,28 +94,33 @@ class CheckCache:
         if entry is None or not entry[1] <= real_now_us < entry[2]:
             self.misses += 1
             return None
+        principal = self._principals.get(key_hash)
+        if principal is None:  # forgotten by another thread since
+            self.misses += 1
+            return None
         self.hits += 1
-        return self._principals[key_hash], entry[0]
+        return principal, entry[0]
 
     def put(self, generation: int, end_user_id: str, key_hash: str, feature_key: str, units: str,
             snap: dict[str, Any], body: bytes, real_now_us: int, horizon_us: int | None) -> None:
         """Keep ``body``, read from ``snap`` at ``real_now_us`` when the cache was at ``generation``."""
-        if generation != self.generation or self.max_entries <= 0:
-            return
-        offset = snap["clock_offset_us"]
-        until = FOREVER if horizon_us is None else horizon_us - offset
-        if key_hash not in self._principals:
-            self._principals[key_hash] = {c: snap[c] for c in PRINCIPAL_COLUMNS}
-        entries = self._users.get(end_user_id)
-        if entries is None:
-            while self._size >= self.max_entries and self._users:
-                # Oldest end user first (dicts keep insertion order).
-                self._size -= len(self._users.pop(next(iter(self._users))))
-            entries = self._users[end_user_id] = {}
-        key = f"{key_hash}\0{feature_key}\0{units}"
-        if key not in entries:
-            self._size += 1
-        entries[key] = (body, real_now_us, until)
+        with self._lock:
+            if generation != self.generation or self.max_entries <= 0:
+                return
+            offset = snap["clock_offset_us"]
+            until = FOREVER if horizon_us is None else horizon_us - offset
+            if key_hash not in self._principals:
+                self._principals[key_hash] = {c: snap[c] for c in PRINCIPAL_COLUMNS}
+            entries = self._users.get(end_user_id)
+            if entries is None:
+                while self._size >= self.max_entries and self._users:
+                    # Oldest end user first (dicts keep insertion order).
+                    self._size -= len(self._users.pop(next(iter(self._users))))
+                entries = self._users[end_user_id] = {}
+            key = f"{key_hash}\0{feature_key}\0{units}"
+            if key not in entries:
+                self._size += 1
+            entries[key] = (body, real_now_us, until)
 
     def __len__(self) -> int:
         return self._size

@@ -403,17 +403,16 @@ _CHECK_FROM = (
 )
 _CHECK_T = "(:now + e.clock_offset_us)"
 # When time alone next changes a check's answer: the subscription's next boundary, the next block
-# of the charged feature to take effect or to expire, the next held reservation to expire. (The
-# unary + and the "+ 0" keep the planner on the end user's indexes, not the sweep's "due" ones,
-# which it would walk in expiry order for the minimum.)
+# of the charged feature to take effect or to expire (a block yet to take effect changes the
+# answer first then), the next held reservation to expire. The unary + and the "+ 0" keep the
+# planner on the end user's indexes, not on the sweep's "due" ones (which it would otherwise walk
+# in expiry order for the minimum).
 _HORIZON = (
     ", s.next_due_us AS h_due, "
-    "(SELECT MIN(b.effective_at_us) FROM blocks b WHERE b.env_id = k.env_id AND b.end_user_id = :u "
-    "AND b.feature_key = COALESCE(f.credit_pool, f.key) AND b.status IN ('active', 'scheduled') "
-    "AND b.effective_at_us > {t}) AS h_effective, "
-    "(SELECT MIN(b.expires_at_us + 0) FROM blocks b WHERE b.env_id = k.env_id AND b.end_user_id = :u "
-    "AND b.feature_key = COALESCE(f.credit_pool, f.key) AND b.status IN ('active', 'scheduled') "
-    "AND +b.expires_at_us > {t}) AS h_expires, "
+    "(SELECT MIN(CASE WHEN b.effective_at_us > {t} THEN b.effective_at_us "
+    "WHEN +b.expires_at_us > {t} THEN b.expires_at_us END) FROM blocks b "
+    "WHERE b.env_id = k.env_id AND b.end_user_id = :u AND b.feature_key = COALESCE(f.credit_pool, f.key) "
+    "AND b.status IN ('active', 'scheduled')) AS h_blocks, "
     "(SELECT MIN(r.expires_at_us + 0) FROM reservations r WHERE r.env_id = k.env_id AND r.end_user_id = :u "
     "AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) AND r.status = 'held' "
     "AND +r.expires_at_us > {t}) AS h_reservation "
@@ -425,7 +424,7 @@ _CHECK_SNAPSHOT_HORIZON = _SNAPSHOT.format(env="k.env_id", t=_CHECK_T) + _HORIZO
 def horizon_of(snap: Row) -> int | None:
     """The first instant (environment time) after which a ``check_snapshot(horizon=True)`` row may
     no longer hold without any write: None when no instant ahead changes it."""
-    instants = [snap[c] for c in ("h_due", "h_effective", "h_expires", "h_reservation") if snap[c] is not None]
+    instants = [snap[c] for c in ("h_due", "h_blocks", "h_reservation") if snap[c] is not None]
     return min(instants) if instants else None
 
 
