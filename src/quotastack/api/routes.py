@@ -286,8 +286,10 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
     async def check_entitlement(request: Request, end_user_id: str = Query(..., max_length=255),
                                 feature_key: str = Query(...), units: str = Query("1")) -> Response:
         """Answered by the Edge's fast path; this route documents it and serves as its twin."""
-        return JSON(await check(request.headers.get("authorization"), rid(request),
-                                {"end_user_id": end_user_id, "feature_key": feature_key, "units": units}))
+        answer = await check(request.headers.get("authorization"), rid(request),
+                             {"end_user_id": end_user_id, "feature_key": feature_key, "units": units})
+        # A kept answer comes rendered already (see checks.py).
+        return Response(answer, media_type="application/json") if isinstance(answer, bytes) else JSON(answer)
 
     @r.get("/v1/entitlements", tags=["entitlements"])
     async def list_entitlements(request: Request, end_user_id: str = Query(..., min_length=1, max_length=255),

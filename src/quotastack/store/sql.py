@@ -32,8 +32,8 @@ class SqlTx:
         self._pyformat = paramstyle == "pyformat"
         self._savepoints = 0
         # Whose entitlement checks this unit of work's writes may have changed (see
-        # ``_END_USER_TABLES``): the end users it locked, or everyone.
-        self.locked_users: set[str] = set()
+        # ``_END_USER_TABLES``): the end users it locked or wrote rows of, or everyone.
+        self.touched_users: set[str] = set()
         self.wrote_end_user_state = False
         self.changed_everyone = False
 
@@ -55,22 +55,27 @@ class SqlTx:
         row = self.execute(sql, params).fetchone()
         return None if row is None else next(iter(row.values())) if isinstance(row, dict) else row[0]
 
-    def _wrote(self, table: str) -> None:
+    def _wrote(self, table: str, rows: Sequence[Mapping[str, Any]] = ()) -> None:
         if table in _END_USER_TABLES:
             self.wrote_end_user_state = True
+            # Rows that name their end user (every ledger entry does) count even without a lock.
+            for row in rows:
+                end_user_id = row.get("end_user_id")
+                if end_user_id is not None:
+                    self.touched_users.add(end_user_id)
         elif table not in _NO_CHECK_TABLES:
             self.changed_everyone = True
 
     def changed_users(self) -> set[str] | None:
         """The end users whose checks this unit of work may have changed; None for everyone."""
-        if self.changed_everyone or (self.wrote_end_user_state and not self.locked_users):
+        if self.changed_everyone or (self.wrote_end_user_state and not self.touched_users):
             return None
-        return self.locked_users if self.wrote_end_user_state else set()
+        return self.touched_users if self.wrote_end_user_state else set()
 
     # ---- generic --------------------------------------------------------------------------
 
     def insert(self, table: str, row: Mapping[str, Any]) -> None:
-        self._wrote(table)
+        self._wrote(table, (row,))
         cols = ", ".join(row)
         vals = ", ".join(f":{c}" for c in row)
         self.execute(f"INSERT INTO {table} ({cols}) VALUES ({vals})", row)
@@ -78,7 +83,7 @@ class SqlTx:
     def insert_many(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
-        self._wrote(table)
+        self._wrote(table, rows)
         cols = ", ".join(rows[0])
         vals = ", ".join(f":{c}" for c in rows[0])
         self._cur.executemany(self._sql(f"INSERT INTO {table} ({cols}) VALUES ({vals})"), rows)
@@ -135,7 +140,7 @@ class SqlTx:
 
     def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None:
         """Create the end user on first mention and serialise balance changes per end user."""
-        self.locked_users.add(end_user_id)
+        self.touched_users.add(end_user_id)
         self._wrote("end_users")
         self.execute(
             "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
