@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import secrets
 import shutil
@@ -405,6 +406,7 @@ class LoadGen:
                    "--users", str(users), "--max-requests", str(max_requests), "--key", key,
                    "--feature", feature, "--seed", str(seed_value)]
         cmd = self.pin.wrap(cmd, self.pin.client_cpu)
+        lookups0 = cache_lookups(server)
         before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         server_cpu0 = server.cpu_seconds()
         server_wait0 = runq_wait_seconds(server.proc.pid)
@@ -429,6 +431,11 @@ class LoadGen:
         ticks1 = cpu_ticks()
         after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_cpu = (after_children.ru_utime - before_children.ru_utime) + (after_children.ru_stime - before_children.ru_stime)
+        lookups1 = cache_lookups(server)
+        hit_pct = None
+        if lookups0 is not None and lookups1 is not None:
+            hits, misses = lookups1[0] - lookups0[0], lookups1[1] - lookups0[1]
+            hit_pct = round(100 * hits / (hits + misses), 1) if hits + misses else None
         out = out_path.read_bytes()
         out_path.unlink(missing_ok=True)
         text = out.decode(errors="replace")
@@ -448,6 +455,8 @@ class LoadGen:
             "seconds": round(window, 3), "rps": round(completed / window, 1) if window else 0.0,
             "latency_ms": summary_ms(lat),
             "server_timing_ms": summary_ms(st),
+            # Share of the checks answered from the answers the SQLite server keeps between checks.
+            "check_cache_hit_pct": hit_pct,
             "latency_samples": sum(lat.values()), "unpaired": raw.get("unpaired", 0),
             # Little's law: with C clients always busy, requests × mean latency ≈ window × C (≈ 1.0).
             "littles_law": round(sum(k * v for k, v in lat.items()) / 1e6 / (window * connections), 3)
@@ -511,6 +520,17 @@ def describe_disturbance(r: dict[str, Any]) -> str:
     return f"other processes used {r['other_cpu_pct']:.0f} % of a CPU{steal}"
 
 
+def cache_lookups(server: "Server") -> tuple[float, float] | None:
+    """The service's check-cache (hits, misses) so far, from /metrics; None for the ceiling or
+    when the server keeps no answers (see src/quotastack/api/checks.py)."""
+    if server.kind != "service":
+        return None
+    with urllib.request.urlopen(f"{server.base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = dict(re.findall(r'^quotastack_check_cache_lookups_total\{result="(hit|miss)"\} (\S+)$', text, re.M))
+    return (float(found["hit"]), float(found["miss"])) if found else None
+
+
 def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[str, Any]]], pin: Pinning,
             load: LoadGen, workdir: Path) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
@@ -553,6 +573,7 @@ def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[s
                       f"{r['client_cpu_pct']:.0f} %  runq wait srv/cli {r['server_runq_wait_pct']}/"
                       f"{r['client_runq_wait_pct']} %  other {r['other_cpu_pct']:.0f} %  "
                       f"steal {r['steal_pct_server_cpu']} %"
+                      + (f"  cache hits {r['check_cache_hit_pct']} %" if r.get("check_cache_hit_pct") is not None else "")
                       + (f"  non-2xx {r['non_2xx']}" if r["non_2xx"] else ""),
                       flush=True)
         finally:
@@ -579,6 +600,8 @@ def median_of(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]
             "other_cpu_pct": med(lambda r: r["other_cpu_pct"]),
             "server_runq_wait_pct": med(lambda r: r.get("server_runq_wait_pct") or 0),
             "non_2xx": sum(r["non_2xx"] for r in rs),
+            "check_cache_hit_pct": med(lambda r: r["check_cache_hit_pct"])
+            if all(r.get("check_cache_hit_pct") is not None for r in rs) else None,
             "noisy_runs": sum(1 for r in rs if r.get("noisy")),
             "requests": sum(r["requests"] for r in rs),
             "runs": len(rs),
@@ -617,7 +640,7 @@ def print_table(med: dict[str, dict[str, Any]], rat: dict[str, Any], sizes: dict
     print(f"Figures ({'median of ' + str(nruns) + ' runs' if nruns > 1 else '1 run'}); latency = client-side, "
           "Server-Timing = app;dur")
     hdr = (f"{'scenario':40} {'clients':>7} {'req/s':>9} {'lat p50':>9} {'lat p99':>9} {'ST p50':>8} "
-           f"{'ST p99':>8} {'srv cpu':>7} {'cli cpu':>7} {'srv wait':>8} {'non-2xx':>7}")
+           f"{'ST p99':>8} {'srv cpu':>7} {'cli cpu':>7} {'srv wait':>8} {'non-2xx':>7} {'hits':>6}")
     print(hdr)
     print("-" * len(hdr))
     for sid, label, srv, _mode, clients in SCENARIOS:
@@ -628,9 +651,12 @@ def print_table(med: dict[str, dict[str, Any]], rat: dict[str, Any], sizes: dict
         print(f"{full:40} {clients:>7} {m['rps']:>9,.0f} {m['latency_ms']['p50']:>9.3f} {m['latency_ms']['p99']:>9.3f} "
               f"{m['server_timing_ms']['p50']:>8.3f} {m['server_timing_ms']['p99']:>8.3f} "
               f"{m['server_cpu_pct']:>6.0f}% {m['client_cpu_pct']:>6.0f}% {m['server_runq_wait_pct']:>7.1f}% "
-              f"{m['non_2xx']:>7}" + (f"  noisy ({m['noisy_runs']}/{m['runs']})" if m["noisy_runs"] else ""))
+              f"{m['non_2xx']:>7} "
+              + (f"{m['check_cache_hit_pct']:>5.1f}%" if m.get("check_cache_hit_pct") is not None else f"{'-':>6}")
+              + (f"  noisy ({m['noisy_runs']}/{m['runs']})" if m["noisy_runs"] else ""))
     print("(times in ms; srv/cli cpu = CPU time of the server / load generator over the run's wall time; srv wait = "
-          "time the\n server was runnable but waiting for its CPU, i.e. preempted by other processes)")
+          "time the\n server was runnable but waiting for its CPU, i.e. preempted by other processes; hits = checks "
+          "answered from\n the answers the server keeps between checks, from its /metrics)")
     print()
     ok = lambda b: "MET" if b else "MISSED"  # noqa: E731
     if any(m["noisy_runs"] for m in med.values()):
