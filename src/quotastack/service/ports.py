@@ -36,6 +36,9 @@ class Tx(Protocol):
 
     def blocks_for(self, env_id: int, end_user_id: str, feature_key: str) -> list[Row]: ...
 
+    def account_states(self, env_id: int, end_user_ids: Sequence[str], feature_keys: Sequence[str],
+                       ) -> tuple[list[Row], list[Row]]: ...
+
     def usage_totals(self, env_id: int, end_user_id: str, feature_key: str, from_us: int | None,
                      to_us: int | None, charged_to: bool = False) -> dict[str, int]: ...
 

@@ -129,6 +129,27 @@ class SqlTx:
             {"e": env_id, "u": end_user_id, "f": feature_key},
         )
 
+    def account_states(self, env_id: int, end_user_ids: Sequence[str], feature_keys: Sequence[str],
+                       ) -> tuple[list[Row], list[Row]]:
+        """What ``Account`` starts from, for every pair of these end users and features.
+
+        The live blocks (creation order), and per (end user, feature) with held reservations what
+        they hold and the earliest of their expiries (``first_expiry_us``).
+        """
+        params: dict[str, Any] = {"e": env_id}
+        users = _in_list("u", end_user_ids, params)
+        features = _in_list("f", feature_keys, params)
+        blocks = self.all(
+            f"SELECT * FROM blocks WHERE env_id = :e AND end_user_id IN ({users}) AND feature_key IN ({features}) "
+            "AND status IN ('active', 'scheduled', 'frozen') ORDER BY seq", params)
+        held = self.all(
+            "SELECT r.end_user_id, r.charged_feature_key AS feature_key, COALESCE(SUM(h.amount), 0) AS reserved, "
+            "MIN(r.expires_at_us) AS first_expiry_us FROM reservations r "
+            "LEFT JOIN reservation_holds h ON h.reservation_id = r.id WHERE r.env_id = :e "
+            f"AND r.end_user_id IN ({users}) AND r.charged_feature_key IN ({features}) AND r.status = 'held' "
+            "GROUP BY r.end_user_id, r.charged_feature_key", params)
+        return blocks, held
+
     def entitlement_snapshot(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> Row | None:
         """Everything the entitlement check needs, in one statement (the hot path).
 
@@ -361,6 +382,14 @@ _SNAPSHOT_JOINS = (
     "LEFT JOIN variant_entitlements ep ON ep.variant_id = s.variant_id AND ep.feature_key = f.credit_pool "
 )
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _in_list(prefix: str, values: Sequence[Any], params: dict[str, Any]) -> str:
+    """``:prefix0, :prefix1, …`` for an ``IN (…)`` list, adding the values to ``params``."""
+    assert values, "an IN list needs at least one value"
+    for i, value in enumerate(values):
+        params[f"{prefix}{i}"] = value
+    return ", ".join(f":{prefix}{i}" for i in range(len(values)))
 
 
 def _to_pyformat(sql: str) -> str:
