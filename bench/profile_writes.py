@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 USERS = 1_000
+SORT = "tottime"
 
 
 def main() -> None:
@@ -34,7 +35,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--sql", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="cProfile order: tottime or cumulative")
     args = parser.parse_args()
+    global SORT
+    SORT = args.sort
 
     from quotastack.api import create_app
     from quotastack.api.app import Settings
@@ -121,7 +125,7 @@ def main() -> None:
                 fn()
             prof.disable()
             out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+            pstats.Stats(prof, stream=out).sort_stats(SORT).print_stats(40)
             print(f"\n---- cProfile: {n} × {name}, by own time\n{out.getvalue()[:6000]}")
 
 

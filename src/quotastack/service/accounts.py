@@ -63,11 +63,35 @@ def load_accounts(tx: Tx, env_id: int, end_user_ids: Sequence[str], feature_keys
     return out
 
 
+@dataclass(slots=True)
+class Pending:
+    """Ledger and usage rows, and blocks' new ``remaining``, held back to be written all at once.
+
+    A batch of usage writes its rows with one ``executemany`` per table (``flush``) instead of a
+    statement per row. Rows keep the order they were made in; whoever holds a ``Pending`` flushes
+    it before anything else reads those tables in the same unit of work.
+    """
+
+    remaining: dict[str, int] = field(default_factory=dict)
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+    usage: list[dict[str, Any]] = field(default_factory=list)
+
+    def flush(self, tx: Tx) -> None:
+        tx.insert_many("ledger_entries", self.ledger)
+        tx.insert_many("usage_events", self.usage)
+        tx.set_remaining(list(self.remaining.items()))
+        self.remaining.clear()
+        self.ledger.clear()
+        self.usage.clear()
+
+
 class Account:
     def __init__(self, tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, precision: int,
-                 loaded: Loaded | None = None) -> None:
+                 loaded: Loaded | None = None, pending: Pending | None = None) -> None:
         self.tx = tx
         self.ctx = ctx
+        # Where ``move`` writes: straight through ``tx``, or held back in ``pending``.
+        self.pending = pending
         self.end_user_id = end_user_id
         self.feature_key = feature_key
         self.precision = precision
@@ -264,7 +288,6 @@ class Account:
         self.balance += to_remaining * amount
         self.reserved += to_reserved * amount
         assert self.reserved >= 0, "nothing is ever reserved below zero"
-        self.tx.update("blocks", {"id": row["id"]}, {"remaining": row["remaining"]})
         entry = {
             "id": new_id("led"), "env_id": self.ctx.env_id, "end_user_id": self.end_user_id,
             "feature_key": self.feature_key, "block_id": row["id"], "type": entry_type,
@@ -273,7 +296,12 @@ class Account:
             "subscription_id": row.get("subscription_id"), "reason": reason, "metadata": "{}",
             "created_at_us": self.ctx.now_us if at_us is None else at_us,
         }
-        self.tx.insert("ledger_entries", entry)
+        if self.pending is None:
+            self.tx.update("blocks", {"id": row["id"]}, {"remaining": row["remaining"]})
+            self.tx.insert("ledger_entries", entry)
+        else:
+            self.pending.remaining[row["id"]] = row["remaining"]
+            self.pending.ledger.append(entry)
         if self.balance == 0 and entry_type == "use":
             self.event("balance.depleted", {"feature_key": self.feature_key})
         return entry

@@ -118,6 +118,23 @@ class SqlTx:
     def _lock_row(self, env_id: int, end_user_id: str) -> None:
         """SQLite's write transaction already excludes every other writer."""
 
+    # How ``existing_end_users`` locks the rows it finds (SQLite's write lock already has).
+    _LOCK_IN_ORDER = ""
+
+    def existing_end_users(self, env_id: int, end_user_ids: Sequence[str]) -> set[str]:
+        """Which of these end users exist, each locked as ``lock_end_user`` would, in id order."""
+        params: dict[str, Any] = {"e": env_id}
+        users = _in_list("u", sorted(set(end_user_ids)), params)
+        rows = self.all(f"SELECT end_user_id FROM end_users WHERE env_id = :e AND end_user_id IN ({users})"
+                        + self._LOCK_IN_ORDER, params)
+        return {row["end_user_id"] for row in rows}
+
+    def set_remaining(self, pairs: Sequence[tuple[str, int]]) -> None:
+        """Set blocks' ``remaining``: (block id, amount) pairs, one statement for all."""
+        if pairs:
+            self._cur.executemany(self._sql("UPDATE blocks SET remaining = :r WHERE id = :i"),
+                                  [{"i": block_id, "r": amount} for block_id, amount in pairs])
+
     def try_lock_key(self, env_id: int, key: str) -> bool:
         """Claim an idempotency key for this transaction; SQLite's write lock already has."""
         return True
@@ -315,6 +332,12 @@ class SqlTx:
             "SELECT * FROM subscriptions WHERE env_id = :e AND end_user_id = :u AND live = :t",
             {"e": env_id, "u": end_user_id, "t": True},
         )
+
+    def live_subscriptions(self, env_id: int, end_user_ids: Sequence[str]) -> list[Row]:
+        params: dict[str, Any] = {"e": env_id, "t": True}
+        users = _in_list("u", end_user_ids, params)
+        return self.all(f"SELECT * FROM subscriptions WHERE env_id = :e AND end_user_id IN ({users}) AND live = :t",
+                        params)
 
     def default_variant(self, env_id: int) -> Row | None:
         return self.one(
