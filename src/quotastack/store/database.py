@@ -34,7 +34,7 @@ class SqliteDatabase:
     kind = "sqlite"
     # Checkpoints run off the request path (see ``_checkpointing``); a request's commit runs one
     # itself only if the WAL has outgrown this many pages, i.e. the background has fallen behind.
-    BACKSTOP_PAGES = 16_000
+    BACKSTOP_PAGES = 4_000
     CHECKPOINT_INTERVAL_SECONDS = 0.05
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:

@@ -139,13 +139,6 @@ class SqlTx:
         """Claim an idempotency key for this transaction; SQLite's write lock already has."""
         return True
 
-    def blocks_for(self, env_id: int, end_user_id: str, feature_key: str) -> list[Row]:
-        return self.all(
-            "SELECT * FROM blocks WHERE env_id = :e AND end_user_id = :u AND feature_key = :f "
-            "AND status IN ('active', 'scheduled', 'frozen') ORDER BY seq",
-            {"e": env_id, "u": end_user_id, "f": feature_key},
-        )
-
     def account_states(self, env_id: int, end_user_ids: Sequence[str], feature_keys: Sequence[str],
                        ) -> tuple[list[Row], list[Row]]:
         """What ``Account`` starts from, for every pair of these end users and features.
@@ -194,14 +187,6 @@ class SqlTx:
             + "WHERE k.key_hash = :h",
             {"h": key_hash, "u": end_user_id, "k": feature_key, "now": real_now_us, "yes": True},
         )
-
-    def reserved_total(self, env_id: int, end_user_id: str, feature_key: str) -> int:
-        """What held reservations hold (including any whose expiry is not settled yet)."""
-        return int(self.scalar(
-            "SELECT COALESCE(SUM(h.amount), 0) FROM reservations r "
-            "JOIN reservation_holds h ON h.reservation_id = r.id WHERE r.env_id = :e "
-            "AND r.end_user_id = :u AND r.charged_feature_key = :f AND r.status = 'held'",
-            {"e": env_id, "u": end_user_id, "f": feature_key}))
 
     def reserved_at(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> int:
         """The reserved total at a past instant, from the ledger."""
