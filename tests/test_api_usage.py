@@ -331,3 +331,18 @@ def test_a_batch_records_exactly_what_its_events_sent_one_by_one_would(server: A
     finally:
         batch_api.close()
         single_api.close()
+
+
+def test_a_batch_spanning_hundreds_of_end_users_on_the_default_plan(api: Api) -> None:
+    """First mention starts each end user's default plan (one by one); the next batch reads them
+    all together, in more than one run of ids (the store splits long IN lists)."""
+    feature(api, "credits")
+    variant(api, [{"feature_key": "credits", "amount": 100}], plan="free", default=True)
+    users = [f"user-{i:03d}" for i in range(450)]
+    for units in (1, 2):
+        results = api.ok("POST", "/v1/usage/batch", {"events": [
+            {"end_user_id": u, "feature_key": "credits", "units": units} for u in reversed(users)]})["results"]
+        assert [r["status"] for r in results] == [201] * len(users)
+    assert {r["usage"]["end_user_id"]: r["usage"]["balance"] for r in results} == {u: 97 for u in users}
+    assert assert_conserved(api, "user-449", "credits") == 97
+    assert len(ledger(api, type="use")) == 2 * len(users)

@@ -123,11 +123,14 @@ class SqlTx:
 
     def existing_end_users(self, env_id: int, end_user_ids: Sequence[str]) -> set[str]:
         """Which of these end users exist, each locked as ``lock_end_user`` would, in id order."""
-        params: dict[str, Any] = {"e": env_id}
-        users = _in_list("u", sorted(set(end_user_ids)), params)
-        rows = self.all(f"SELECT end_user_id FROM end_users WHERE env_id = :e AND end_user_id IN ({users})"
-                        + self._LOCK_IN_ORDER, params)
-        return {row["end_user_id"] for row in rows}
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(end_user_ids))):
+            params: dict[str, Any] = {"e": env_id}
+            users = _in_list("u", chunk, params)
+            rows = self.all(f"SELECT end_user_id FROM end_users WHERE env_id = :e AND end_user_id IN ({users})"
+                            + self._LOCK_IN_ORDER, params)
+            found.update(row["end_user_id"] for row in rows)
+        return found
 
     def set_remaining(self, pairs: Sequence[tuple[str, int]]) -> None:
         """Set blocks' ``remaining``: (block id, amount) pairs, one statement for all."""
@@ -146,18 +149,22 @@ class SqlTx:
         The live blocks (creation order), and per (end user, feature) with held reservations what
         they hold and the earliest of their expiries (``first_expiry_us``).
         """
-        params: dict[str, Any] = {"e": env_id}
-        users = _in_list("u", end_user_ids, params)
-        features = _in_list("f", feature_keys, params)
-        blocks = self.all(
-            f"SELECT * FROM blocks WHERE env_id = :e AND end_user_id IN ({users}) AND feature_key IN ({features}) "
-            "AND status IN ('active', 'scheduled', 'frozen') ORDER BY seq", params)
-        held = self.all(
-            "SELECT r.end_user_id, r.charged_feature_key AS feature_key, COALESCE(SUM(h.amount), 0) AS reserved, "
-            "MIN(r.expires_at_us) AS first_expiry_us FROM reservations r "
-            "LEFT JOIN reservation_holds h ON h.reservation_id = r.id WHERE r.env_id = :e "
-            f"AND r.end_user_id IN ({users}) AND r.charged_feature_key IN ({features}) AND r.status = 'held' "
-            "GROUP BY r.end_user_id, r.charged_feature_key", params)
+        blocks: list[Row] = []
+        held: list[Row] = []
+        for chunk in _chunks(list(end_user_ids)):
+            params: dict[str, Any] = {"e": env_id}
+            users = _in_list("u", chunk, params)
+            features = _in_list("f", feature_keys, params)
+            blocks += self.all(
+                f"SELECT * FROM blocks WHERE env_id = :e AND end_user_id IN ({users}) "
+                f"AND feature_key IN ({features}) AND status IN ('active', 'scheduled', 'frozen') ORDER BY seq",
+                params)
+            held += self.all(
+                "SELECT r.end_user_id, r.charged_feature_key AS feature_key, COALESCE(SUM(h.amount), 0) AS reserved, "
+                "MIN(r.expires_at_us) AS first_expiry_us FROM reservations r "
+                "LEFT JOIN reservation_holds h ON h.reservation_id = r.id WHERE r.env_id = :e "
+                f"AND r.end_user_id IN ({users}) AND r.charged_feature_key IN ({features}) AND r.status = 'held' "
+                "GROUP BY r.end_user_id, r.charged_feature_key", params)
         return blocks, held
 
     def entitlement_snapshot(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> Row | None:
@@ -319,10 +326,13 @@ class SqlTx:
         )
 
     def live_subscriptions(self, env_id: int, end_user_ids: Sequence[str]) -> list[Row]:
-        params: dict[str, Any] = {"e": env_id, "t": True}
-        users = _in_list("u", end_user_ids, params)
-        return self.all(f"SELECT * FROM subscriptions WHERE env_id = :e AND end_user_id IN ({users}) AND live = :t",
-                        params)
+        rows: list[Row] = []
+        for chunk in _chunks(list(end_user_ids)):
+            params: dict[str, Any] = {"e": env_id, "t": True}
+            users = _in_list("u", chunk, params)
+            rows += self.all(
+                f"SELECT * FROM subscriptions WHERE env_id = :e AND end_user_id IN ({users}) AND live = :t", params)
+        return rows
 
     def default_variant(self, env_id: int) -> Row | None:
         return self.one(
@@ -390,6 +400,11 @@ _SNAPSHOT_JOINS = (
     "LEFT JOIN variant_entitlements ep ON ep.variant_id = s.variant_id AND ep.feature_key = f.credit_pool "
 )
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _chunks(values: list[Any], size: int = 400) -> list[list[Any]]:
+    """``values`` in runs of at most ``size``: an IN list stays under any SQLite's 999 parameters."""
+    return [values[i:i + size] for i in range(0, len(values), size)]
 
 
 def _in_list(prefix: str, values: Sequence[Any], params: dict[str, Any]) -> str:
