@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from .conftest import (Api, assert_conserved, assert_error, balance_of, feature, grant, ledger, subscribe, use,
+from .conftest import (Api, assert_conserved, assert_error, balance_of, feature, grant, ledger, new_tenant, subscribe, use,
                        variant)
 
 
@@ -235,3 +235,114 @@ def test_the_summary_of_a_credit_pool_prices_its_overage_in_credits(api: Api) ->
     img = api.ok("GET", "/v1/usage/summary", params={"end_user_id": "u1", "feature_key": "img"})
     assert (img["units"], img["amount"], img["overage_amount"], img["overage_units"]) == (5, 15, 5, None)
     assert img["pricing"]["amount"] == Decimal("0.5")
+
+
+def _batch_scenario(api: Api) -> None:
+    """End users in every state a batch meets, the same in each tenant it is built in."""
+    feature(api, "credits")
+    feature(api, "ai")
+    feature(api, "images", credit_pool="ai", credits_per_unit=10)
+    feature(api, "gb", precision=2)
+    plan_variant = variant(api, [{"feature_key": "credits", "amount": 10, "overage": "allow"}])
+    grant(api, "a", "credits", 5, priority=1)
+    grant(api, "a", "credits", 100, priority=2)
+    grant(api, "b", "credits", 5)
+    subscribe(api, "c", plan_variant["id"])
+    grant(api, "d", "credits", 50, expires_after={"every": 1, "unit": "minute"})
+    grant(api, "d", "credits", 7)
+    grant(api, "f", "ai", 1000)
+    grant(api, "g", "credits", 20)
+    grant(api, "h", "gb", "10.5")
+    api.ok("POST", "/v1/reservations", {"end_user_id": "h", "feature_key": "gb", "units": "2.25"}, 201)
+    api.ok("POST", "/v1/test_clock/advance", {"seconds": 120})  # d's first block is due to expire
+
+
+BATCH_EVENTS: list[dict[str, Any]] = [
+    {"end_user_id": "a", "feature_key": "credits", "units": 3},
+    {"end_user_id": "c", "feature_key": "credits", "units": 8},
+    {"end_user_id": "b", "feature_key": "credits", "units": 10},
+    {"end_user_id": "a", "feature_key": "credits", "units": 4},
+    {"end_user_id": "d", "feature_key": "credits", "units": 5},
+    {"end_user_id": "a", "feature_key": "credits", "units": 500},
+    {"end_user_id": "e", "feature_key": "credits", "units": 1},
+    {"end_user_id": "f", "feature_key": "images", "units": 3},
+    {"end_user_id": "g", "feature_key": "credits", "units": 2, "idempotency_key": "g-1"},
+    {"end_user_id": "c", "feature_key": "credits", "units": 8, "metadata": {"run": 2}},
+    {"end_user_id": "b", "feature_key": "credits", "units": 9},
+    {"end_user_id": "g", "feature_key": "credits", "units": 3},
+    {"end_user_id": "h", "feature_key": "gb", "units": "1.25"},
+    {"end_user_id": "a", "feature_key": "credits", "units": "0.5"},
+    {"end_user_id": "a", "feature_key": "credits", "units": 2},
+    {"end_user_id": "h", "feature_key": "gb", "units": "9"},
+]
+
+
+def _comparable(result: dict[str, Any]) -> Any:
+    """A batch result without what differs between two tenants (ids, instants, request ids)."""
+    if "error" in result:
+        return result["status"], result["error"]["code"], result["error"]["param"]
+    usage = {k: v for k, v in result["usage"].items() if k not in ("id", "timestamp", "created_at")}
+    usage["entries"] = [(e["type"], e["amount"], e["balance_after"], e["reserved_after"])
+                        for e in usage["entries"]]
+    return result["status"], usage
+
+
+def _history(api: Api) -> dict[tuple[str, str], list[Any]]:
+    out: dict[tuple[str, str], list[Any]] = {}
+    for e in reversed(ledger(api)):
+        out.setdefault((e["end_user_id"], e["feature_key"]), []).append(
+            (e["type"], e["amount"], e["balance_after"], e["reserved_after"], e["reason"]))
+    return out
+
+
+def test_a_batch_records_exactly_what_its_events_sent_one_by_one_would(server: Any) -> None:
+    """Every lane of the batch (plain events together, the rest one by one) matches single usage.
+
+    The batch runs events grouped by end user (each one's in the order sent); sent alone in that
+    order, the same events give the same results, the same ledger (entries, running totals,
+    expiries settled first) and the same events, whichever end users took the fast lane.
+    """
+    batch_api, single_api = new_tenant(server.base_url).sandbox, new_tenant(server.base_url).sandbox
+    try:
+        for api in (batch_api, single_api):
+            _batch_scenario(api)
+        batch = batch_api.ok("POST", "/v1/usage/batch", {"events": BATCH_EVENTS})["results"]
+        order = sorted(range(len(BATCH_EVENTS)), key=lambda i: BATCH_EVENTS[i]["end_user_id"])
+        single: dict[int, dict[str, Any]] = {}
+        for i in order:
+            reply = single_api.post("/v1/usage", BATCH_EVENTS[i])
+            if reply.status == 201:
+                single[i] = {"status": 201, "usage": reply.body}
+            else:
+                error = dict(reply.body["error"])
+                error["param"] = f"events[{i}].{error['param']}" if error["param"] else None
+                single[i] = {"status": reply.status, "error": error}
+        assert [r["status"] for r in batch] == [201, 201, 402, 201, 201, 402, 402, 201, 201, 201, 402, 201,
+                                                201, 400, 201, 402]
+        assert [_comparable(r) for r in batch] == [_comparable(single[i]) for i in range(len(BATCH_EVENTS))]
+        assert _history(batch_api) == _history(single_api)
+        events_of = [[e["type"] for e in reversed(api.ok("GET", "/v1/events", params={"limit": 500})["data"])]
+                     for api in (batch_api, single_api)]
+        assert events_of[0] == events_of[1]
+        # b's events were all refused: nothing of b's was written beyond its grant.
+        assert [t for t, *_ in _history(batch_api)[("b", "credits")]] == ["grant"]
+        for user, key in [("a", "credits"), ("c", "credits"), ("d", "credits"), ("f", "ai"), ("h", "gb")]:
+            assert_conserved(batch_api, user, key)
+    finally:
+        batch_api.close()
+        single_api.close()
+
+
+def test_a_batch_spanning_hundreds_of_end_users_on_the_default_plan(api: Api) -> None:
+    """First mention starts each end user's default plan (one by one); the next batch reads them
+    all together, in more than one run of ids (the store splits long IN lists)."""
+    feature(api, "credits")
+    variant(api, [{"feature_key": "credits", "amount": 100}], plan="free", default=True)
+    users = [f"user-{i:03d}" for i in range(450)]
+    for units in (1, 2):
+        results = api.ok("POST", "/v1/usage/batch", {"events": [
+            {"end_user_id": u, "feature_key": "credits", "units": units} for u in reversed(users)]})["results"]
+        assert [r["status"] for r in results] == [201] * len(users)
+    assert {r["usage"]["end_user_id"]: r["usage"]["balance"] for r in results} == {u: 97 for u in users}
+    assert assert_conserved(api, "user-449", "credits") == 97
+    assert len(ledger(api, type="use")) == 2 * len(users)

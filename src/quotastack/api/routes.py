@@ -65,7 +65,8 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
         key = idempotency_key(request.headers.get("idempotency-key"))
         if model is schemas.UsageIn:
             key = _usage_key(key, data)
-        print_ = fingerprint(request.method, request.url.path, data)
+        # The fingerprint matters only to a stored key (hashing a batch's body is not free).
+        print_ = fingerprint(request.method, request.url.path, data) if key is not None else ""
         outcome = await db.run(mutations.execute, ctx, key, print_, lambda tx: work(tx, ctx, data), status,
                                request.method, request.url.path, list(object_ids))
         headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
@@ -438,12 +439,13 @@ def _usage_key(header_key: str | None, data: dict[str, Any]) -> str | None:
 
 
 def _batch(mutations: Mutations, tx: Tx, ctx: Ctx, events: list[Any]) -> dict[str, Any]:
-    """Each event stands alone: its own savepoint, its own idempotency key.
+    """Each event stands alone, as if sent alone: its own outcome, its own idempotency key.
 
     Events run grouped by end user, in the order of their ids (each end user's events in the
-    order sent): a batch locks end users one by one and keeps the locks until it commits, so two
-    batches taking them in the same order can never wait on each other in a cycle. Results come
-    back in the order sent.
+    order sent): a batch locks end users in that order and keeps the locks until it commits, so
+    two batches can never wait on each other in a cycle. ``usage.record_batch`` records the plain
+    events (valid, no idempotency key) of most end users together; the rest go one by one through
+    ``_batch_event``, each in its own savepoint. Results come back in the order sent.
     """
     slots: list[dict[str, Any] | None] = [None] * len(events)
 
@@ -451,9 +453,32 @@ def _batch(mutations: Mutations, tx: Tx, ctx: Ctx, events: list[Any]) -> dict[st
         raw = events[i]
         return str(raw.get("end_user_id", "")) if isinstance(raw, dict) else ""
 
+    plain: list[tuple[int, str, dict[str, Any] | None]] = []
     for i in sorted(range(len(events)), key=end_user):
-        slots[i] = _batch_event(mutations, tx, ctx, i, events[i])
+        data: dict[str, Any] | None = None
+        if isinstance(events[i], dict) and events[i].get("idempotency_key") is None:
+            try:
+                data = validate(schemas.UsageIn, events[i])
+            except QuotaStackError:
+                data = None  # _batch_event reports it
+            else:
+                data.pop("idempotency_key", None)
+        plain.append((i, end_user(i), data))
+    outcomes = usage.record_batch(tx, ctx, plain, lambda i: _batch_event(mutations, tx, ctx, i, events[i]))
+    for i, (kind, value) in outcomes.items():
+        if kind == "slow":
+            slots[i] = value
+        elif kind == "ok":
+            slots[i] = {"status": 201, "usage": value}
+        else:
+            slots[i] = _refused(value, i, ctx)
     return {"object": "usage_batch", "results": slots}
+
+
+def _refused(exc: QuotaStackError, i: int, ctx: Ctx) -> dict[str, Any]:
+    if exc.param is not None:
+        exc.param = f"events[{i}].{exc.param}"
+    return {"status": exc.status, "error": error_of(exc, ctx.request_id)["error"]}
 
 
 def _batch_event(mutations: Mutations, tx: Tx, ctx: Ctx, i: int, raw: Any) -> dict[str, Any]:
@@ -465,9 +490,7 @@ def _batch_event(mutations: Mutations, tx: Tx, ctx: Ctx, i: int, raw: Any) -> di
             with mutations.claim(ctx, key):
                 outcome = mutations.once(tx, ctx, key, print_, lambda t: usage.record_usage(t, ctx, data), 201)
     except QuotaStackError as exc:
-        if exc.param is not None:
-            exc.param = f"events[{i}].{exc.param}"
-        return {"status": exc.status, "error": error_of(exc, ctx.request_id)["error"]}
+        return _refused(exc, i, ctx)
     entry: dict[str, Any] = {"status": outcome.status}
     if outcome.status >= 300:
         # A stored outcome (402…) names its param as a single usage would: point it at the event.

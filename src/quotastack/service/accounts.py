@@ -14,6 +14,7 @@ takes them out of the reserved total) is kept in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from ..domain.burndown import Block, allocate
@@ -39,21 +40,78 @@ class Draw:
     shortfall: int = 0
 
 
+@dataclass(slots=True)
+class Loaded:
+    """What an ``Account`` starts from: its live blocks (in creation order) and its reservations."""
+
+    blocks: list[Row] = field(default_factory=list)
+    reserved: int = 0
+    first_held_expiry_us: int | None = None  # the earliest expiry of its held reservations
+
+
+def load_accounts(tx: Tx, env_id: int, end_user_ids: Sequence[str], feature_keys: Sequence[str],
+                  ) -> dict[tuple[str, str], Loaded]:
+    """Every (end user, feature) account of those end users and features, in two statements."""
+    blocks, held = tx.account_states(env_id, end_user_ids, feature_keys)
+    out: dict[tuple[str, str], Loaded] = {}
+    for row in blocks:
+        out.setdefault((row["end_user_id"], row["feature_key"]), Loaded()).blocks.append(row)
+    for row in held:
+        loaded = out.setdefault((row["end_user_id"], row["feature_key"]), Loaded())
+        loaded.reserved = int(row["reserved"])
+        loaded.first_held_expiry_us = row["first_expiry_us"]
+    return out
+
+
+@dataclass(slots=True)
+class Pending:
+    """Ledger and usage rows, and blocks' new ``remaining``, held back to be written all at once.
+
+    A batch of usage writes its rows with one ``executemany`` per table (``flush``) instead of a
+    statement per row. Rows keep the order they were made in; whoever holds a ``Pending`` flushes
+    it before anything else reads those tables in the same unit of work.
+    """
+
+    remaining: dict[str, int] = field(default_factory=dict)
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+    usage: list[dict[str, Any]] = field(default_factory=list)
+
+    def flush(self, tx: Tx) -> None:
+        tx.insert_many("ledger_entries", self.ledger)
+        tx.insert_many("usage_events", self.usage)
+        tx.set_remaining(list(self.remaining.items()))
+        self.remaining.clear()
+        self.ledger.clear()
+        self.usage.clear()
+
+
 class Account:
-    def __init__(self, tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, precision: int) -> None:
+    def __init__(self, tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, precision: int,
+                 loaded: Loaded | None = None, pending: Pending | None = None) -> None:
         self.tx = tx
         self.ctx = ctx
+        # Where ``move`` writes: straight through ``tx``, or held back in ``pending``.
+        self.pending = pending
         self.end_user_id = end_user_id
         self.feature_key = feature_key
         self.precision = precision
-        self.rows: dict[str, dict[str, Any]] = {}
-        for row in tx.blocks_for(ctx.env_id, end_user_id, feature_key):
-            self.rows[row["id"]] = dict(row)
+        if loaded is None:
+            loaded = load_accounts(tx, ctx.env_id, [end_user_id], [feature_key]).get(
+                (end_user_id, feature_key)) or Loaded()
+        self.rows: dict[str, dict[str, Any]] = {row["id"]: dict(row) for row in loaded.blocks}
         # The ledger's running total: frozen blocks (a paused subscription's) still count here,
         # though nobody can spend them until the subscription resumes.
         self.balance = sum(r["remaining"] for r in self.rows.values() if r["status"] in ("active", "frozen"))
-        self.reserved = tx.reserved_total(ctx.env_id, end_user_id, feature_key)
-        self.settle(ctx.now_us)
+        self.reserved = loaded.reserved
+        self.settle(ctx.now_us, reservations_due=loaded.first_held_expiry_us is not None
+                    and loaded.first_held_expiry_us <= ctx.now_us)
+
+    @staticmethod
+    def is_settled(loaded: Loaded, now_us: int) -> bool:
+        """Whether an account loaded from ``loaded`` has nothing due at ``now_us`` (settling writes nothing)."""
+        if loaded.first_held_expiry_us is not None and loaded.first_held_expiry_us <= now_us:
+            return False
+        return not any(_due(row, now_us) for row in loaded.blocks)
 
     # ---- reading --------------------------------------------------------------------------------
 
@@ -69,16 +127,20 @@ class Account:
 
     # ---- time -----------------------------------------------------------------------------------
 
-    def settle(self, now_us: int) -> None:
-        """Write the grant and expire entries that time has made due, in time order."""
+    def settle(self, now_us: int, reservations_due: bool = True) -> None:
+        """Write the grant and expire entries that time has made due, in time order.
+
+        ``reservations_due=False``: the caller knows no held reservation has expired by ``now_us``.
+        """
         due: list[tuple[int, int, str, str]] = []
         for row in self.rows.values():
             if row["status"] == "scheduled" and row["effective_at_us"] <= now_us:
                 due.append((row["effective_at_us"], 0, row["id"], "grant"))
             if row["status"] != "frozen" and row["expires_at_us"] is not None and row["expires_at_us"] <= now_us:
                 due.append((row["expires_at_us"], 1, row["id"], "expire"))
-        for rsv in self.tx.due_reservations(self.ctx.env_id, self.end_user_id, self.feature_key, now_us):
-            due.append((rsv["expires_at_us"], 2, rsv["id"], "reservation"))
+        if reservations_due:
+            for rsv in self.tx.due_reservations(self.ctx.env_id, self.end_user_id, self.feature_key, now_us):
+                due.append((rsv["expires_at_us"], 2, rsv["id"], "reservation"))
         for instant, _, object_id, kind in sorted(due):
             if kind == "reservation":
                 self.release_holds(object_id, at_us=instant, reason="reservation expired")
@@ -226,7 +288,6 @@ class Account:
         self.balance += to_remaining * amount
         self.reserved += to_reserved * amount
         assert self.reserved >= 0, "nothing is ever reserved below zero"
-        self.tx.update("blocks", {"id": row["id"]}, {"remaining": row["remaining"]})
         entry = {
             "id": new_id("led"), "env_id": self.ctx.env_id, "end_user_id": self.end_user_id,
             "feature_key": self.feature_key, "block_id": row["id"], "type": entry_type,
@@ -235,7 +296,12 @@ class Account:
             "subscription_id": row.get("subscription_id"), "reason": reason, "metadata": "{}",
             "created_at_us": self.ctx.now_us if at_us is None else at_us,
         }
-        self.tx.insert("ledger_entries", entry)
+        if self.pending is None:
+            self.tx.update("blocks", {"id": row["id"]}, {"remaining": row["remaining"]})
+            self.tx.insert("ledger_entries", entry)
+        else:
+            self.pending.remaining[row["id"]] = row["remaining"]
+            self.pending.ledger.append(entry)
         if self.balance == 0 and entry_type == "use":
             self.event("balance.depleted", {"feature_key": self.feature_key})
         return entry
@@ -243,6 +309,13 @@ class Account:
     def event(self, event_type: str, data: dict[str, Any]) -> None:
         record_event(self.tx, self.ctx, event_type,
                      {"end_user_id": self.end_user_id, "feature_key": self.feature_key} | data)
+
+
+def _due(row: Row, now_us: int) -> bool:
+    """Whether ``settle`` at ``now_us`` writes something for this block (its grant or its expiry)."""
+    if row["status"] == "scheduled" and row["effective_at_us"] <= now_us:
+        return True
+    return row["status"] != "frozen" and row["expires_at_us"] is not None and row["expires_at_us"] <= now_us
 
 
 def record_event(tx: Tx, ctx: Ctx, event_type: str, data: dict[str, Any]) -> Row:

@@ -6,6 +6,7 @@ The HTTP layer renders these dicts as JSON unchanged.
 from __future__ import annotations
 
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from ..domain.amounts import from_minor
@@ -15,7 +16,11 @@ from .ports import Row
 
 
 def ts(instant_us: int | None) -> str | None:
-    return None if instant_us is None else format_rfc3339(instant_us)
+    return None if instant_us is None else _rfc3339(instant_us)
+
+
+# A request's rows mostly share one instant (its ``now``): format each instant once.
+_rfc3339 = lru_cache(maxsize=4096)(format_rfc3339)
 
 
 def amount(minor: int | None, precision: int) -> Decimal | int | None:

@@ -36,6 +36,10 @@ class SqliteDatabase:
     """
 
     kind = "sqlite"
+    # Checkpoints run off the request path (see ``_checkpointing``); a request's commit runs one
+    # itself only if the WAL has outgrown this many pages, i.e. the background has fallen behind.
+    BACKSTOP_PAGES = 4_000
+    CHECKPOINT_INTERVAL_SECONDS = 0.05
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:
         self.path = path
@@ -44,6 +48,8 @@ class SqliteDatabase:
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._listeners: list[CommitListener] = []
+        self._stop = threading.Event()
+        self._checkpointer: threading.Thread | None = None
 
     def on_commit(self, listener: CommitListener) -> None:
         """Call ``listener`` after each unit of work of this process (see ``CommitListener``)."""
@@ -75,13 +81,39 @@ class SqliteDatabase:
             conn.execute("PRAGMA cache_size=-65536")
             # Read pages straight from the OS's page cache: no copy on the hot path's reads.
             conn.execute("PRAGMA mmap_size=4294967296")
+            conn.execute(f"PRAGMA wal_autocheckpoint={self.BACKSTOP_PAGES}")
             self._local.conn = conn
             self._local.versions = conn.cursor()
             self._local.versions.row_factory = None
             self._local.version = None
             with self._lock:
                 self._all.append(conn)
+                if self._checkpointer is None and self.path != ":memory:":
+                    self._checkpointer = threading.Thread(target=self._checkpointing, args=(self._stop,),
+                                                          name="sqlite-checkpoint", daemon=True)
+                    self._checkpointer.start()
         return conn
+
+    def _checkpointing(self, stop: threading.Event) -> None:
+        """Copy the WAL back into the database in the background, every few tens of milliseconds.
+
+        SQLite's automatic checkpoint runs inside the commit that crosses its threshold (1,000
+        pages by default): copying the pages and two or three fsyncs, 5-15 ms, landed on every
+        50th or so usage and was its p99. A PASSIVE checkpoint takes no lock that writers or
+        readers wait for, and the sqlite3 module releases the GIL while it runs, so here it
+        costs requests neither latency nor the fsyncs' waits. Durability is unchanged: a commit
+        is in the WAL either way, and a checkpoint fsyncs the WAL before it copies.
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        try:
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            while not stop.wait(self.CHECKPOINT_INTERVAL_SECONDS):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:  # a busy database or a closing one: the next round tries again
+                    continue
+        finally:
+            conn.close()
 
     @contextmanager
     def transaction(self) -> Iterator[SqlTx]:
@@ -126,6 +158,10 @@ class SqliteDatabase:
         alembic_upgrade(f"sqlite:///{self.path}", creator=lambda: sqlite3.connect(self.path))
 
     def close(self) -> None:
+        self._stop.set()
+        if self._checkpointer is not None and self._checkpointer is not threading.current_thread():
+            self._checkpointer.join(timeout=5)
+        self._checkpointer, self._stop = None, threading.Event()
         with self._lock:
             for conn in self._all:
                 conn.close()

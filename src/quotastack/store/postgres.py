@@ -33,6 +33,9 @@ MAX_ATTEMPTS = 8
 
 
 class PgTx(SqlTx):
+    # Code-point order, as Python sorts ids (``advance_due``, the sweep): one lock order for all.
+    _LOCK_IN_ORDER = ' ORDER BY end_user_id COLLATE "C" FOR UPDATE'
+
     def _lock_row(self, env_id: int, end_user_id: str) -> None:
         self.execute("SELECT 1 FROM end_users WHERE env_id = :e AND end_user_id = :u FOR UPDATE",
                      {"e": env_id, "u": end_user_id})

@@ -152,16 +152,54 @@ class SqlTx:
     def _lock_row(self, env_id: int, end_user_id: str) -> None:
         """SQLite's write transaction already excludes every other writer."""
 
+    # How ``existing_end_users`` locks the rows it finds (SQLite's write lock already has).
+    _LOCK_IN_ORDER = ""
+
+    def existing_end_users(self, env_id: int, end_user_ids: Sequence[str]) -> set[str]:
+        """Which of these end users exist, each locked as ``lock_end_user`` would, in id order."""
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(end_user_ids))):
+            params: dict[str, Any] = {"e": env_id}
+            users = _in_list("u", chunk, params)
+            rows = self.all(f"SELECT end_user_id FROM end_users WHERE env_id = :e AND end_user_id IN ({users})"
+                            + self._LOCK_IN_ORDER, params)
+            found.update(row["end_user_id"] for row in rows)
+        return found
+
+    def set_remaining(self, pairs: Sequence[tuple[str, int]]) -> None:
+        """Set blocks' ``remaining``: (block id, amount) pairs, one statement for all."""
+        if pairs:
+            self._cur.executemany(self._sql("UPDATE blocks SET remaining = :r WHERE id = :i"),
+                                  [{"i": block_id, "r": amount} for block_id, amount in pairs])
+
     def try_lock_key(self, env_id: int, key: str) -> bool:
         """Claim an idempotency key for this transaction; SQLite's write lock already has."""
         return True
 
-    def blocks_for(self, env_id: int, end_user_id: str, feature_key: str) -> list[Row]:
-        return self.all(
-            "SELECT * FROM blocks WHERE env_id = :e AND end_user_id = :u AND feature_key = :f "
-            "AND status IN ('active', 'scheduled', 'frozen') ORDER BY seq",
-            {"e": env_id, "u": end_user_id, "f": feature_key},
-        )
+    def account_states(self, env_id: int, end_user_ids: Sequence[str], feature_keys: Sequence[str],
+                       ) -> tuple[list[Row], list[Row]]:
+        """What ``Account`` starts from, for every pair of these end users and features.
+
+        The live blocks (creation order), and per (end user, feature) with held reservations what
+        they hold and the earliest of their expiries (``first_expiry_us``).
+        """
+        blocks: list[Row] = []
+        held: list[Row] = []
+        for chunk in _chunks(list(end_user_ids)):
+            params: dict[str, Any] = {"e": env_id}
+            users = _in_list("u", chunk, params)
+            features = _in_list("f", feature_keys, params)
+            blocks += self.all(
+                f"SELECT * FROM blocks WHERE env_id = :e AND end_user_id IN ({users}) "
+                f"AND feature_key IN ({features}) AND status IN ('active', 'scheduled', 'frozen') ORDER BY seq",
+                params)
+            held += self.all(
+                "SELECT r.end_user_id, r.charged_feature_key AS feature_key, COALESCE(SUM(h.amount), 0) AS reserved, "
+                "MIN(r.expires_at_us) AS first_expiry_us FROM reservations r "
+                "LEFT JOIN reservation_holds h ON h.reservation_id = r.id WHERE r.env_id = :e "
+                f"AND r.end_user_id IN ({users}) AND r.charged_feature_key IN ({features}) AND r.status = 'held' "
+                "GROUP BY r.end_user_id, r.charged_feature_key", params)
+        return blocks, held
 
     def entitlement_snapshot(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> Row | None:
         """Everything the entitlement check needs, in one statement (the hot path).
@@ -190,14 +228,6 @@ class SqlTx:
             _CHECK_SNAPSHOT_HORIZON if horizon else _CHECK_SNAPSHOT,
             {"h": key_hash, "u": end_user_id, "k": feature_key, "now": real_now_us, "yes": True},
         )
-
-    def reserved_total(self, env_id: int, end_user_id: str, feature_key: str) -> int:
-        """What held reservations hold (including any whose expiry is not settled yet)."""
-        return int(self.scalar(
-            "SELECT COALESCE(SUM(h.amount), 0) FROM reservations r "
-            "JOIN reservation_holds h ON h.reservation_id = r.id WHERE r.env_id = :e "
-            "AND r.end_user_id = :u AND r.charged_feature_key = :f AND r.status = 'held'",
-            {"e": env_id, "u": end_user_id, "f": feature_key}))
 
     def reserved_at(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> int:
         """The reserved total at a past instant, from the ledger."""
@@ -333,6 +363,15 @@ class SqlTx:
             {"e": env_id, "u": end_user_id, "t": True},
         )
 
+    def live_subscriptions(self, env_id: int, end_user_ids: Sequence[str]) -> list[Row]:
+        rows: list[Row] = []
+        for chunk in _chunks(list(end_user_ids)):
+            params: dict[str, Any] = {"e": env_id, "t": True}
+            users = _in_list("u", chunk, params)
+            rows += self.all(
+                f"SELECT * FROM subscriptions WHERE env_id = :e AND end_user_id IN ({users}) AND live = :t", params)
+        return rows
+
     def default_variant(self, env_id: int) -> Row | None:
         return self.one(
             "SELECT v.* FROM plans p JOIN plan_variants v ON v.plan_id = p.id "
@@ -434,6 +473,19 @@ def horizon_of(snap: Row) -> int | None:
 
 
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _chunks(values: list[Any], size: int = 400) -> list[list[Any]]:
+    """``values`` in runs of at most ``size``: an IN list stays under any SQLite's 999 parameters."""
+    return [values[i:i + size] for i in range(0, len(values), size)]
+
+
+def _in_list(prefix: str, values: Sequence[Any], params: dict[str, Any]) -> str:
+    """``:prefix0, :prefix1, …`` for an ``IN (…)`` list, adding the values to ``params``."""
+    assert values, "an IN list needs at least one value"
+    for i, value in enumerate(values):
+        params[f"{prefix}{i}"] = value
+    return ", ".join(f":{prefix}{i}" for i in range(len(values)))
 
 
 def _to_pyformat(sql: str) -> str:

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Where a usage's (and a batch's) server time goes: in-process, no HTTP, on a fresh SQLite file.
+
+    .venv/bin/python bench/profile_writes.py [--n 3000] [--batches 30] [--cprofile] [--sql]
+
+Builds the same data as ``bench_writes.py`` (one tenant, the ``tokens`` feature, 1,000 funded end
+users) through the service's ASGI app, then calls the app directly (the ``Edge`` object that
+``quotastack serve`` runs) with ``POST /v1/usage`` for random end users and ``POST
+/v1/usage/batch`` with 100 events: exactly what ``Server-Timing`` measures. ``--sql`` prints the
+statements one usage and one batch run; ``--cprofile`` adds a cProfile table of each.
+It works in a temporary directory and starts no process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import pstats
+import random
+import statistics
+import tempfile
+import time
+from typing import Any
+
+USERS = 1_000
+SORT = "tottime"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=3000)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--sql", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="cProfile order: tottime or cumulative")
+    args = parser.parse_args()
+    global SORT
+    SORT = args.sort
+
+    from quotastack.api import create_app
+    from quotastack.api.app import Settings
+    from quotastack.store import open_database
+
+    folder = tempfile.mkdtemp(prefix="qs-prof-")
+    db = open_database(f"sqlite:///{folder}/p.db")
+    edge = create_app(db, Settings(operator_key="op", sweep_interval_seconds=0))
+    sink: list[Any] = []
+    loop = asyncio.new_event_loop()
+
+    def call(method: str, path: str, body: Any, key: str) -> tuple[int, Any]:
+        raw = json.dumps(body).encode()
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sink.append(message)
+
+        scope = {"type": "http", "method": method, "path": path, "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {key}".encode()),
+                             (b"content-type", b"application/json")]}
+        sink.clear()
+        loop.run_until_complete(edge(scope, receive, send))
+        return sink[0]["status"], json.loads(sink[-1]["body"] or b"null")
+
+    status, created = call("POST", "/v1/tenants", {"name": "prof"}, "op")
+    assert status == 201, created
+    key = created["api_keys"][0]["key"]
+    assert call("POST", "/v1/features", {"key": "tokens"}, key)[0] == 201
+    for i in range(USERS):
+        assert call("POST", "/v1/grants", {"end_user_id": f"u{i}", "feature_key": "tokens",
+                                           "amount": 10**12}, key)[0] == 201
+    rng = random.Random(1)
+
+    def usage() -> None:
+        status, body = call("POST", "/v1/usage", {"end_user_id": f"u{rng.randrange(USERS)}",
+                                                  "feature_key": "tokens", "units": 1}, key)
+        assert status == 201, body
+
+    def batch() -> None:
+        events = [{"end_user_id": f"u{rng.randrange(USERS)}", "feature_key": "tokens", "units": 1}
+                  for _ in range(100)]
+        status, body = call("POST", "/v1/usage/batch", {"events": events}, key)
+        assert status == 200 and all(r["status"] == 201 for r in body["results"]), body
+
+    def timed(fn: Any, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            fn()
+            out.append((time.perf_counter_ns() - t0) / 1000)
+        return sorted(out)
+
+    def show(name: str, values: list[float], per: int = 1) -> None:
+        print(f"{name:28} mean {statistics.fmean(values) / per:8.1f} µs  p50 {values[len(values) // 2] / per:8.1f}"
+              f"  p99 {values[int(len(values) * 0.99)] / per:8.1f}  (per {'event' if per > 1 else 'request'})")
+
+    timed(usage, 300)
+    show("usage", timed(usage, args.n))
+    timed(batch, 3)
+    show("batch of 100", timed(batch, args.batches), per=100)
+
+    if args.sql:
+        conn = db._connection()
+        statements: list[str] = []
+        conn.set_trace_callback(statements.append)
+        usage()
+        print(f"\none usage: {len(statements)} statements")
+        for s in statements:
+            print("   ", s[:160])
+        statements.clear()
+        batch()
+        print(f"\none batch of 100: {len(statements)} statements")
+        for s in statements[:40]:
+            print("   ", s[:160])
+        conn.set_trace_callback(None)
+    if args.cprofile:
+        for name, fn, n in (("usage", usage, 2000), ("batch", batch, 20)):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(n):
+                fn()
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats(SORT).print_stats(40)
+            print(f"\n---- cProfile: {n} × {name}, by own time\n{out.getvalue()[:6000]}")
+
+
+if __name__ == "__main__":
+    main()
