@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any
 
 from ..service.ports import Row
@@ -107,16 +108,16 @@ class SqlTx:
     # ---- balances ---------------------------------------------------------------------------
 
     def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None:
-        """Create the end user on first mention and serialise balance changes per end user."""
+        """Create the end user on first mention and serialise balance changes per end user.
+
+        SQLite's write transaction already excludes every other writer; PostgreSQL (``PgTx``)
+        also locks the row.
+        """
         self.execute(
             "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
             "ON CONFLICT (env_id, end_user_id) DO NOTHING",
             {"e": env_id, "u": end_user_id, "n": now_us},
         )
-        self._lock_row(env_id, end_user_id)
-
-    def _lock_row(self, env_id: int, end_user_id: str) -> None:
-        """SQLite's write transaction already excludes every other writer."""
 
     def try_lock_key(self, env_id: int, key: str) -> bool:
         """Claim an idempotency key for this transaction; SQLite's write lock already has."""
@@ -363,5 +364,7 @@ _SNAPSHOT_JOINS = (
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 
 
+@lru_cache(maxsize=2048)
 def _to_pyformat(sql: str) -> str:
+    """``:name`` to ``%(name)s``, once per distinct statement (the hot path repeats a few dozen)."""
     return _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
