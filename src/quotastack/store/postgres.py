@@ -44,16 +44,16 @@ class PgTx(SqlTx):
         second ``SELECT … FOR UPDATE`` (a new statement, so a new snapshot at READ COMMITTED)
         sees and locks whichever row won.
         """
-        if not self._lock(env_id, end_user_id):
+        if not self._lock_existing(env_id, end_user_id):
             self.execute(
                 "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
                 "ON CONFLICT (env_id, end_user_id) DO NOTHING",
                 {"e": env_id, "u": end_user_id, "n": now_us},
             )
-            locked = self._lock(env_id, end_user_id)
+            locked = self._lock_existing(env_id, end_user_id)
             assert locked, "the end user's row exists once its insert has returned"
 
-    def _lock(self, env_id: int, end_user_id: str) -> bool:
+    def _lock_existing(self, env_id: int, end_user_id: str) -> bool:
         row = self.one("SELECT 1 AS locked FROM end_users WHERE env_id = :e AND end_user_id = :u FOR UPDATE",
                        {"e": env_id, "u": end_user_id})
         return row is not None

@@ -108,16 +108,16 @@ class SqlTx:
     # ---- balances ---------------------------------------------------------------------------
 
     def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None:
-        """Create the end user on first mention and serialise balance changes per end user.
-
-        SQLite's write transaction already excludes every other writer; PostgreSQL (``PgTx``)
-        also locks the row.
-        """
+        """Create the end user on first mention and serialise balance changes per end user."""
         self.execute(
             "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
             "ON CONFLICT (env_id, end_user_id) DO NOTHING",
             {"e": env_id, "u": end_user_id, "n": now_us},
         )
+        self._lock_row(env_id, end_user_id)
+
+    def _lock_row(self, env_id: int, end_user_id: str) -> None:
+        """SQLite's write transaction already excludes every other writer."""
 
     def try_lock_key(self, env_id: int, key: str) -> bool:
         """Claim an idempotency key for this transaction; SQLite's write lock already has."""
