@@ -199,7 +199,14 @@ def floor_sqlite(path: str, seconds: float) -> float:
     return n / seconds
 
 
-def floor_postgres(url: str, seconds: float) -> float:
+def floor_postgres(url: str, seconds: float) -> dict[str, float]:
+    """The raw floor, and what it is made of: round trips and the commit's flush to disk.
+
+    ``tx_per_s`` is the classic loop (BEGIN, INSERT, UPDATE, COMMIT: four round trips a
+    transaction); ``pipelined_tx_per_s`` sends the same four statements in one round trip
+    (psycopg pipeline mode), so what remains is the commit's WAL flush; ``round_trips_per_s`` is
+    ``SELECT 1`` in a loop.
+    """
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
@@ -207,20 +214,43 @@ def floor_postgres(url: str, seconds: float) -> float:
         conn.execute("CREATE TABLE floor_acc (id INT PRIMARY KEY, balance BIGINT)")
         conn.execute("CREATE TABLE floor_ent (id BIGSERIAL PRIMARY KEY, acc INT, amount BIGINT)")
         conn.execute("INSERT INTO floor_acc SELECT g, 1000000000000 FROM generate_series(0, %s) g", (USERS,))
-    with psycopg.connect(url) as conn:
-        rng, n, end = random.Random(1), 0, time.monotonic() + seconds
+        settings = {name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+                    for name in ("fsync", "synchronous_commit", "full_page_writes", "shared_buffers",
+                                 "wal_buffers", "commit_delay", "commit_siblings", "max_wal_size",
+                                 "checkpoint_timeout", "max_connections", "server_version")}
+        n, end = 0, time.monotonic() + seconds / 4
+        while time.monotonic() < end:
+            conn.execute("SELECT 1")
+            n += 1
+        round_trips = n / (seconds / 4)
+    rng = random.Random(1)
+
+    def loop(conn: Any, pipelined: bool, span: float) -> float:
+        n, end = 0, time.monotonic() + span
         while time.monotonic() < end:
             acc = rng.randrange(USERS)
-            with conn.transaction():
-                conn.execute("INSERT INTO floor_ent (acc, amount) VALUES (%s, 1)", (acc,))
-                conn.execute("UPDATE floor_acc SET balance = balance - 1 WHERE id = %s", (acc,))
+            if pipelined:
+                with conn.pipeline(), conn.transaction():
+                    conn.execute("INSERT INTO floor_ent (acc, amount) VALUES (%s, 1)", (acc,))
+                    conn.execute("UPDATE floor_acc SET balance = balance - 1 WHERE id = %s", (acc,))
+            else:
+                with conn.transaction():
+                    conn.execute("INSERT INTO floor_ent (acc, amount) VALUES (%s, 1)", (acc,))
+                    conn.execute("UPDATE floor_acc SET balance = balance - 1 WHERE id = %s", (acc,))
             n += 1
-    return n / seconds
+        return n / span
+
+    with psycopg.connect(url) as conn:
+        classic = loop(conn, False, seconds)
+    with psycopg.connect(url, autocommit=True) as conn:
+        pipelined = loop(conn, True, seconds / 2)
+    return {"tx_per_s": classic, "pipelined_tx_per_s": pipelined, "round_trips_per_s": round_trips,
+            "settings": settings}  # type: ignore[dict-item]
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
 
-def measure(engine: str, url: str, workers: int, duration: float) -> dict[str, Any]:
+def measure(engine: str, url: str, workers: int, duration: float, only: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"engine": engine, "workers": workers}
     with Server(url, workers) as server:
         key = server.setup()
@@ -229,6 +259,8 @@ def measure(engine: str, url: str, workers: int, duration: float) -> dict[str, A
                 ("batch100_c1", 1, batch_step), ("batch100_c8", 8, batch_step),
                 ("reserve_commit_c1", 1, reserve_commit_step), ("reserve_commit_c64", 64, reserve_commit_step)]
         for name, clients, step in plan:
+            if only and name not in only:
+                continue
             out[name] = asyncio.run(run_load(server.port, key, clients, duration, step))
             row = out[name]
             print(f"  {engine:10} {name:20} {row['ops_per_s']:9.0f} ops/s {row['events_per_s']:9.0f} events/s"
@@ -242,31 +274,41 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", default="sqlite,postgresql")
     parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--scenarios", default="", help="comma-separated subset, e.g. usage_many_c64")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    engines = args.engines.split(",")
+    engines = ["postgresql" if e in ("postgres", "pg") else e for e in args.engines.split(",")]
     if "postgresql" in engines and not os.environ.get("QUOTASTACK_TEST_POSTGRES_URL") and not args.inner:
         # Re-run ourselves beside a throwaway PostgreSQL cluster.
+        # A durable cluster (fsync and synchronous_commit on): see bench/README.md for its settings.
+        env = os.environ | {"QUOTASTACK_PG_DURABLE": "1"}
         return subprocess.call([str(ROOT / "scripts/with-postgres"), sys.executable, __file__, "--engines",
-                                args.engines, "--duration", str(args.duration), "--inner"])
+                                ",".join(engines), "--duration", str(args.duration), "--scenarios", args.scenarios,
+                                "--inner"], env=env)
+    only = [name for name in args.scenarios.split(",") if name]
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
     for engine in engines:
         if engine == "sqlite":
             folder = tempfile.mkdtemp(prefix="qs-bench-")
             floor = floor_sqlite(f"{folder}/floor.db", args.duration)
             print(f"  sqlite     raw floor (insert + update a transaction) {floor:9.0f} tx/s", flush=True)
-            run = measure("sqlite", f"sqlite:///{folder}/bench.db", 1, args.duration)
+            run = measure("sqlite", f"sqlite:///{folder}/bench.db", 1, args.duration, only)
             shutil.rmtree(folder, ignore_errors=True)
         else:
             url = os.environ["QUOTASTACK_TEST_POSTGRES_URL"]
-            floor = floor_postgres(url, args.duration)
-            print(f"  postgresql raw floor (insert + update a transaction) {floor:9.0f} tx/s", flush=True)
-            run = measure("postgresql", url, 2, args.duration)
+            parts = floor_postgres(url, args.duration)
+            floor = parts["tx_per_s"]
+            print(f"  postgresql raw floor (insert + update a transaction) {floor:9.0f} tx/s; pipelined "
+                  f"{parts['pipelined_tx_per_s']:.0f} tx/s; SELECT 1 {parts['round_trips_per_s']:.0f}/s", flush=True)
+            print(f"  postgresql cluster: {parts['settings']}", flush=True)
+            run = measure("postgresql", url, 2, args.duration, only)
+            run["raw_floor"] = parts
         run["raw_floor_tx_per_s"] = floor
-        run["usage_over_floor"] = run["usage_many_c64"]["ops_per_s"] / floor
-        run["hot_over_many"] = run["usage_hot_c64"]["ops_per_s"] / run["usage_many_c64"]["ops_per_s"]
-        print(f"  {engine:10} usage/floor {run['usage_over_floor']:.3f}   hot/many {run['hot_over_many']:.3f}",
-              flush=True)
+        if "usage_many_c64" in run and "usage_hot_c64" in run:
+            run["usage_over_floor"] = run["usage_many_c64"]["ops_per_s"] / floor
+            run["hot_over_many"] = run["usage_hot_c64"]["ops_per_s"] / run["usage_many_c64"]["ops_per_s"]
+            print(f"  {engine:10} usage/floor {run['usage_over_floor']:.3f}   hot/many {run['hot_over_many']:.3f}",
+                  flush=True)
         results["runs"].append(run)
     out = ROOT / "bench/results" / f"writes-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,23 +60,30 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
     async def mutate(request: Request, scope: str, model: type[BaseModel] | None,
                      work: Callable[[Tx, Ctx, dict[str, Any]], Any], status: int = 200,
                      object_ids: tuple[str, ...] = ()) -> Response:
-        ctx = ctx_for(request, scope)
-        data = validate(model, parse_json(await request.body())) if model else _empty(await request.body())
-        key = idempotency_key(request.headers.get("idempotency-key"))
-        if model is schemas.UsageIn:
-            key = _usage_key(key, data)
-        # The fingerprint matters only to a stored key (hashing a batch's body is not free).
-        print_ = fingerprint(request.method, request.url.path, data) if key is not None else ""
-        outcome = await db.run(mutations.execute, ctx, key, print_, lambda tx: work(tx, ctx, data), status,
-                               request.method, request.url.path, list(object_ids))
+        raw, method, path = await request.body(), request.method, request.url.path
+
+        def unit() -> Any:
+            # Authentication, parsing and the unit of work in one call of db.run: on PostgreSQL
+            # that is one hop to a store thread, whose connection reads the key and then runs
+            # the transaction; the event loop never waits on the database.
+            ctx = ctx_for(request, scope)
+            data = validate(model, parse_json(raw)) if model else _empty(raw)
+            key = idempotency_key(request.headers.get("idempotency-key"))
+            if model is schemas.UsageIn:
+                key = _usage_key(key, data)
+            # The fingerprint matters only to a stored key (hashing a batch's body is not free).
+            print_ = fingerprint(method, path, data) if key is not None else ""
+            return mutations.execute(ctx, key, print_, lambda tx: work(tx, ctx, data), status, method, path,
+                                     list(object_ids))
+
+        outcome = await db.run(unit)
         headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
         return JSON(outcome.body, status_code=outcome.status, headers=headers)
 
     async def read(request: Request, fn: Callable[[Tx, Ctx], Any], *, settle: bool = False,
                    scopes: tuple[str, ...] = ("read",)) -> Response:
-        ctx = ctx_for(request, *scopes)
-
         def work() -> Any:
+            ctx = ctx_for(request, *scopes)
             with (db.transaction() if settle else db.reader()) as tx:
                 return fn(tx, ctx)
 

@@ -191,7 +191,10 @@ def open_database(url: str) -> Any:
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresDatabase
 
-        pg = PostgresDatabase(url)
+        threads = int(os.environ.get("QUOTASTACK_PG_THREADS", "8"))
+        if threads < 1:
+            raise ValueError("QUOTASTACK_PG_THREADS must be at least 1")
+        pg = PostgresDatabase(url, threads=threads)
         pg.migrate()
         return pg
     if url.startswith("sqlite:///"):

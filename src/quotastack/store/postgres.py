@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,13 +24,15 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import errors
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
 
 from .sql import SqlTx
 
 T = TypeVar("T")
 RETRYABLE = (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation)
 MAX_ATTEMPTS = 8
+# psycopg prepares a statement on its fifth execution on a connection; the store's statements are
+# a few hundred at most, so keep them all prepared (psycopg's default keeps 100).
+PREPARED_MAX = 512
 
 
 class PgTx(SqlTx):
@@ -40,6 +43,28 @@ class PgTx(SqlTx):
         self.execute("SELECT 1 FROM end_users WHERE env_id = :e AND end_user_id = :u FOR UPDATE",
                      {"e": env_id, "u": end_user_id})
 
+    def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None:
+        """Lock the end user's row, creating it first if this is the first mention.
+
+        The lock comes first: an end user who exists (nearly every request) costs one statement.
+        If the row is missing, the insert waits for any other transaction inserting it, and the
+        second ``SELECT … FOR UPDATE`` (a new statement, so a new snapshot at READ COMMITTED)
+        sees and locks whichever row won.
+        """
+        if not self._lock_existing(env_id, end_user_id):
+            self.execute(
+                "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
+                "ON CONFLICT (env_id, end_user_id) DO NOTHING",
+                {"e": env_id, "u": end_user_id, "n": now_us},
+            )
+            locked = self._lock_existing(env_id, end_user_id)
+            assert locked, "the end user's row exists once its insert has returned"
+
+    def _lock_existing(self, env_id: int, end_user_id: str) -> bool:
+        row = self.one("SELECT 1 AS locked FROM end_users WHERE env_id = :e AND end_user_id = :u FOR UPDATE",
+                       {"e": env_id, "u": end_user_id})
+        return row is not None
+
     def try_lock_key(self, env_id: int, key: str) -> bool:
         row = self.one("SELECT pg_try_advisory_xact_lock(:e, hashtext(:k)) AS ok", {"e": env_id, "k": key})
         assert row is not None
@@ -47,24 +72,56 @@ class PgTx(SqlTx):
 
 
 class PostgresDatabase:
+    """Store work runs in a small thread pool; each thread owns one connection for its lifetime.
+
+    A unit of work runs in pipeline mode: statements whose results nobody reads yet (``BEGIN``,
+    the inserts and updates, savepoints, ``COMMIT``) are queued and sent with the next statement
+    that is read, so a transaction costs one round trip per read plus one for its writes and
+    commit, not one per statement. Errors of queued statements surface at that next read or at
+    commit, still inside the unit of work, which then rolls back as before.
+    """
+
     kind = "postgresql"
 
-    def __init__(self, url: str, *, pool_size: int = 16) -> None:
+    def __init__(self, url: str, *, threads: int = 8) -> None:
         self.url = url
-        self._writers = ConnectionPool(url, min_size=1, max_size=pool_size, open=True,
-                                       kwargs={"row_factory": dict_row, "autocommit": False})
-        self._readers = ConnectionPool(url, min_size=1, max_size=pool_size, open=True,
-                                       kwargs={"row_factory": dict_row, "autocommit": True})
-        self._threads = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="quotastack-db")
+        self._local = threading.local()
+        self._all: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="quotastack-db")
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """This thread's connection, opened on first use and again after it broke."""
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        if conn is not None:
+            self._forget(conn)
+        # Autocommit: a reader's statements are single-statement transactions; a unit of work
+        # opens its own with BEGIN (conn.transaction()).
+        conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row)
+        conn.prepared_max = PREPARED_MAX
+        self._local.conn = conn
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def _forget(self, conn: psycopg.Connection[Any]) -> None:
+        with self._lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        conn.close()
+        self._local.conn = None
 
     @contextmanager
     def transaction(self) -> Iterator[PgTx]:
-        with self._writers.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        conn = self._connection()
+        with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
             yield PgTx(cur, "pyformat")
 
     @contextmanager
     def reader(self) -> Iterator[PgTx]:
-        with self._readers.connection() as conn, conn.cursor() as cur:
+        with self._connection().cursor() as cur:
             yield PgTx(cur, "pyformat")
 
     def retrying(self, fn: Callable[..., T], *args: Any) -> T:
@@ -96,5 +153,8 @@ class PostgresDatabase:
 
     def close(self) -> None:
         self._threads.shutdown(wait=True)
-        self._writers.close()
-        self._readers.close()
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any
 
 from ..service.ports import Row
@@ -164,11 +165,13 @@ class SqlTx:
             rows = self.all(f"SELECT end_user_id FROM end_users WHERE env_id = :e AND end_user_id IN ({users})"
                             + self._LOCK_IN_ORDER, params)
             found.update(row["end_user_id"] for row in rows)
+        self.touched_users.update(found)
         return found
 
     def set_remaining(self, pairs: Sequence[tuple[str, int]]) -> None:
         """Set blocks' ``remaining``: (block id, amount) pairs, one statement for all."""
         if pairs:
+            self._wrote("blocks")
             self._cur.executemany(self._sql("UPDATE blocks SET remaining = :r WHERE id = :i"),
                                   [{"i": block_id, "r": amount} for block_id, amount in pairs])
 
@@ -488,5 +491,7 @@ def _in_list(prefix: str, values: Sequence[Any], params: dict[str, Any]) -> str:
     return ", ".join(f":{prefix}{i}" for i in range(len(values)))
 
 
+@lru_cache(maxsize=2048)
 def _to_pyformat(sql: str) -> str:
+    """``:name`` to ``%(name)s``, once per distinct statement (the hot path repeats a few dozen)."""
     return _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
