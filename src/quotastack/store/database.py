@@ -100,9 +100,10 @@ class SqliteDatabase:
         SQLite's automatic checkpoint runs inside the commit that crosses its threshold (1,000
         pages by default): copying the pages and two or three fsyncs, 5-15 ms, landed on every
         50th or so usage and was its p99. A PASSIVE checkpoint takes no lock that writers or
-        readers wait for, and the sqlite3 module releases the GIL while it runs, so here it
-        costs requests neither latency nor the fsyncs' waits. Durability is unchanged: a commit
-        is in the WAL either way, and a checkpoint fsyncs the WAL before it copies.
+        readers wait for, and the sqlite3 module releases the GIL while it runs, so requests no
+        longer wait for its copying and fsyncs (they share only the CPU with it). Durability is
+        unchanged: a commit is in the WAL either way, and a checkpoint fsyncs the WAL before it
+        copies.
         """
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         try:
