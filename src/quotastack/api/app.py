@@ -87,6 +87,7 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
     app.state.check_cache = cache
     if cache is not None:
         metrics.extra.append(cache.metrics)
+        auth.principals = cache
 
     async def check_endpoint(authorization: str | None, rid: str, query: dict[str, str]) -> dict[str, Any] | bytes:
         scopes = ("entitlements:read", "read")

@@ -6,10 +6,11 @@ import hmac
 import time
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 from ..domain.errors import Forbidden, RateLimited, Unauthenticated
 from ..service import tenants
+from ..service.tenants import hash_key
 from ..service.codec import loads
 from ..service.context import Ctx
 from ..service.ports import Database
@@ -54,17 +55,38 @@ class RateLimiter:
         self._buckets[key_id] = (tokens - 1, now)
 
 
+class Principals(Protocol):
+    """Principals kept between requests (``checks.CheckCache`` on SQLite)."""
+
+    generation: int
+
+    def principal(self, key_hash: str) -> Any: ...
+
+    def remember_principal(self, generation: int, key_hash: str, row: Any) -> None: ...
+
+
 class Authenticator:
     def __init__(self, db: Database, operator_key: str | None, limiter: RateLimiter) -> None:
         self.db = db
         self.operator_key = operator_key
         self.limiter = limiter
+        self.principals: Principals | None = None
 
     def context(self, header: str | None, request_id: str, scopes: Iterable[str]) -> Ctx:
         """The caller's context, if its key is valid and holds one of ``scopes`` (or admin)."""
         key = bearer(header)
-        with self.db.reader() as tx:
-            principal = tenants.authenticate(tx, key)
+        kept = self.principals
+        if kept is None:
+            with self.db.reader() as tx:
+                principal = tenants.authenticate(tx, key)
+            return self.authorize(principal, request_id, scopes)
+        key_hash = hash_key(key)
+        principal = kept.principal(key_hash)
+        if principal is None:
+            generation = kept.generation
+            with self.db.reader() as tx:
+                principal = tenants.authenticate(tx, key)
+            kept.remember_principal(generation, key_hash, principal)
         return self.authorize(principal, request_id, scopes)
 
     def authorize(self, principal: Any, request_id: str, scopes: Iterable[str], real_now_us: int | None = None,

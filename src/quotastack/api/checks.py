@@ -12,7 +12,9 @@ renewal or reset, the next block to take effect or expire, the next reservation 
 lags a write or a boundary.
 
 What is kept is the response body, per end user, key, feature and ``units``, with the key's
-principal: every hit is still authorised (scopes, revocation, rate limit) like a miss.
+principal: every hit is still authorised (scopes, revocation, rate limit) like a miss. The
+principals also serve every other request's authentication (``Authenticator.context``): a key
+change, like any catalog change, forgets them all.
 PostgreSQL deployments run several processes that write without telling each other, so they
 read every check from the database.
 """
@@ -79,16 +81,33 @@ class CheckCache:
                 if entries is not None:
                     self._size -= len(entries)
 
+    def _current(self) -> bool:
+        """False when another connection has committed since the last request arrived: then
+        everything kept is forgotten."""
+        if self._versioned:
+            return True
+        self._versioned = True
+        asyncio.get_running_loop().call_soon(self._unversion)
+        if self.db.changed_elsewhere():
+            self.forget(None)
+            return False
+        return True
+
+    def principal(self, key_hash: str) -> dict[str, Any] | None:
+        """The key's principal as last read, for authenticating any request without a statement."""
+        return self._principals.get(key_hash) if self._current() else None
+
+    def remember_principal(self, generation: int, key_hash: str, row: Any) -> None:
+        with self._lock:
+            if generation == self.generation:
+                self._principals[key_hash] = {c: row[c] for c in PRINCIPAL_COLUMNS}
+
     def get(self, end_user_id: str, key_hash: str, feature_key: str, units: str, real_now_us: int,
             ) -> tuple[dict[str, Any], bytes] | None:
         """The key's principal and the kept body, when there is one that holds now."""
-        if not self._versioned:
-            self._versioned = True
-            asyncio.get_running_loop().call_soon(self._unversion)
-            if self.db.changed_elsewhere():
-                self.forget(None)
-                self.misses += 1
-                return None
+        if not self._current():
+            self.misses += 1
+            return None
         entries = self._users.get(end_user_id)
         entry = None if entries is None else entries.get(f"{key_hash}\0{feature_key}\0{units}")
         if entry is None or not entry[1] <= real_now_us < entry[2]:

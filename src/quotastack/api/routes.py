@@ -60,7 +60,7 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
     async def mutate(request: Request, scope: str, model: type[BaseModel] | None,
                      work: Callable[[Tx, Ctx, dict[str, Any]], Any], status: int = 200,
                      object_ids: tuple[str, ...] = ()) -> Response:
-        raw, method, path = await request.body(), request.method, request.url.path
+        raw, method, path = await request.body(), request.method, request.scope["path"]
 
         def unit() -> Any:
             # Authentication, parsing and the unit of work in one call of db.run: on PostgreSQL
