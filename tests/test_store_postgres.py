@@ -138,3 +138,17 @@ def test_a_broken_connection_is_replaced(pg: object) -> None:
             tx.one("SELECT 1 AS one")
     with pg.reader() as tx:  # type: ignore[attr-defined]
         assert tx.one("SELECT 1 AS one") == {"one": 1}
+
+
+def test_the_sweep_counts_the_idempotency_records_it_deletes(pg: object) -> None:
+    """Inside a pipelined unit of work a cursor's rowcount is -1: the count must come from a read."""
+    env_id = random.randrange(10**12, 10**13)
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        for i, created in enumerate((1, 2, 10**15)):
+            tx.insert("idempotency_keys", {"env_id": env_id, "key": f"k{i}", "fingerprint": "f", "status": 201,
+                                           "body": b"{}", "created_at_us": created})
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        assert tx.delete_idempotency_older_than(3) >= 2
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        left = tx.all("SELECT key FROM idempotency_keys WHERE env_id = :e", {"e": env_id})
+    assert [row["key"] for row in left] == ["k2"]

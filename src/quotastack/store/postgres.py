@@ -58,6 +58,11 @@ class PgTx(SqlTx):
                        {"e": env_id, "u": end_user_id})
         return row is not None
 
+    def delete_idempotency_older_than(self, cutoff_us: int) -> int:
+        # Counted by a read: in pipeline mode a cursor's rowcount is not known until later.
+        return int(self.scalar("WITH gone AS (DELETE FROM idempotency_keys WHERE created_at_us < :c RETURNING 1) "
+                               "SELECT COUNT(*) FROM gone", {"c": cutoff_us}))
+
     def try_lock_key(self, env_id: int, key: str) -> bool:
         row = self.one("SELECT pg_try_advisory_xact_lock(:e, hashtext(:k)) AS ok", {"e": env_id, "k": key})
         assert row is not None
