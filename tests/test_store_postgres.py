@@ -106,6 +106,8 @@ def test_lock_end_user_creates_the_end_user_once_and_serialises_writers(pg: obje
     def first() -> None:
         with pg.transaction() as tx:  # type: ignore[attr-defined]
             tx.lock_end_user(env_id, user, 1)
+            # The lock goes to the server with the next read (pipeline mode), as in every service.
+            tx.live_subscription(env_id, user)
             held.set()
             time.sleep(0.3)
             order.append("first")
@@ -113,7 +115,8 @@ def test_lock_end_user_creates_the_end_user_once_and_serialises_writers(pg: obje
     def second() -> None:
         held.wait(5)
         with pg.transaction() as tx:  # type: ignore[attr-defined]
-            tx.lock_end_user(env_id, user, 2)  # waits for the first to commit its new row
+            tx.lock_end_user(env_id, user, 2)
+            tx.live_subscription(env_id, user)  # waits for the first to commit its new row
             order.append("second")
 
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
@@ -152,3 +155,33 @@ def test_the_sweep_counts_the_idempotency_records_it_deletes(pg: object) -> None
     with pg.reader() as tx:  # type: ignore[attr-defined]
         left = tx.all("SELECT key FROM idempotency_keys WHERE env_id = :e", {"e": env_id})
     assert [row["key"] for row in left] == ["k2"]
+
+
+def test_lock_end_user_excludes_select_for_update_of_the_same_end_user(pg: object) -> None:
+    """Paths that lock several end users at once use SELECT … FOR UPDATE: the two locks conflict."""
+    env_id, user = random.randrange(10**12, 10**13), "shared"
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        tx.lock_end_user(env_id, user, 1)
+    held, order = threading.Event(), []
+
+    def upserting() -> None:
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            tx.lock_end_user(env_id, user, 2)
+            tx.live_subscription(env_id, user)
+            held.set()
+            time.sleep(0.3)
+            order.append("upsert")
+
+    def selecting() -> None:
+        held.wait(5)
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            tx.all("SELECT end_user_id FROM end_users WHERE env_id = :e AND end_user_id = :u FOR UPDATE",
+                   {"e": env_id, "u": user})
+            order.append("select")
+
+    threads = [threading.Thread(target=upserting), threading.Thread(target=selecting)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["upsert", "select"]

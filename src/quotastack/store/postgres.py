@@ -37,26 +37,20 @@ PREPARED_MAX = 512
 
 class PgTx(SqlTx):
     def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None:
-        """Lock the end user's row, creating it first if this is the first mention.
+        """Create the end user on first mention, and lock the row until commit, in one statement.
 
-        The lock comes first: an end user who exists (nearly every request) costs one statement.
-        If the row is missing, the insert waits for any other transaction inserting it, and the
-        second ``SELECT … FOR UPDATE`` (a new statement, so a new snapshot at READ COMMITTED)
-        sees and locks whichever row won.
+        An upsert whose update changes nothing still locks the existing row like an ``UPDATE``
+        (waiting for any other holder, then seeing its committed row), and on first mention the
+        inserted row is locked as new. The statement returns nothing to wait for, so in pipeline
+        mode it goes to the server with the next read, which runs after the lock is held.
+        It conflicts with ``SELECT … FOR UPDATE`` on the same row (the sweep and batches), so
+        every path that changes an end user's balances still takes one lock per end user.
         """
-        if not self._lock_existing(env_id, end_user_id):
-            self.execute(
-                "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
-                "ON CONFLICT (env_id, end_user_id) DO NOTHING",
-                {"e": env_id, "u": end_user_id, "n": now_us},
-            )
-            locked = self._lock_existing(env_id, end_user_id)
-            assert locked, "the end user's row exists once its insert has returned"
-
-    def _lock_existing(self, env_id: int, end_user_id: str) -> bool:
-        row = self.one("SELECT 1 AS locked FROM end_users WHERE env_id = :e AND end_user_id = :u FOR UPDATE",
-                       {"e": env_id, "u": end_user_id})
-        return row is not None
+        self.execute(
+            "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
+            "ON CONFLICT (env_id, end_user_id) DO UPDATE SET created_at_us = end_users.created_at_us",
+            {"e": env_id, "u": end_user_id, "n": now_us},
+        )
 
     def delete_idempotency_older_than(self, cutoff_us: int) -> int:
         # Counted by a read: in pipeline mode a cursor's rowcount is not known until later.
