@@ -1,9 +1,10 @@
-"""The PostgreSQL adapter: pooled connections, store work in threads, retried transactions.
+"""The PostgreSQL adapter: store work in threads with a connection each, pipelined, retried.
 
 Several API processes may share one database. Correctness comes from three things:
-- every balance change first locks the end user's row (``SELECT … FOR UPDATE``), so changes to
-  one end user's balances are serialised while different end users proceed in parallel; a unit
-  of work locks at most one end user, so lock order cannot cycle;
+- every balance change first locks the end user's row (an upsert that locks it, see
+  ``PgTx.lock_end_user``), so changes to one end user's balances are serialised while different
+  end users proceed in parallel; a unit of work that locks several end users locks them in id
+  order, so lock waits cannot cycle;
 - an idempotency key is claimed with a transaction-scoped advisory lock, so a second request
   with a key that another process is still working on gets ``409 idempotency_key_in_use``;
 - a transaction that fails with a serialization failure or a deadlock (SQLSTATE 40001, 40P01)
