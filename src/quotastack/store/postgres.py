@@ -17,7 +17,7 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -26,7 +26,8 @@ import psycopg
 from psycopg import errors
 from psycopg.rows import dict_row
 
-from .sql import SqlTx
+from ..service.ports import Row
+from .sql import SqlTx, _to_pyformat
 
 T = TypeVar("T")
 RETRYABLE = (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation)
@@ -58,10 +59,41 @@ class PgTx(SqlTx):
         return int(self.scalar("WITH gone AS (DELETE FROM idempotency_keys WHERE created_at_us < :c RETURNING 1) "
                                "SELECT COUNT(*) FROM gone", {"c": cutoff_us}))
 
+    # The stored outcome read ahead by try_lock_key: ((env_id, key), row), for the get() after it.
+    _ahead: tuple[tuple[int, str], Row | None] | None = None
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        self._ahead = None  # anything else done in between makes the read-ahead stale
+        return super().execute(sql, params)
+
     def try_lock_key(self, env_id: int, key: str) -> bool:
-        row = self.one("SELECT pg_try_advisory_xact_lock(:e, hashtext(:k)) AS ok", {"e": env_id, "k": key})
-        assert row is not None
+        """Claim the key, and read its stored outcome in the same round trip.
+
+        ``Mutations.once`` reads the stored outcome right after the claim. The read is a
+        statement of its own, queued behind the claim, so (at READ COMMITTED) it sees every
+        outcome committed before the claim was granted, exactly as a separate read would; it
+        just doesn't wait for the claim's answer before being sent.
+        """
+        # One 64-bit lock key: the key's hash seeded with the environment. (The two-int form took
+        # env_id as int4, and failed once an environment's id passed 2**31 - 1.)
+        claim = self.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(:k, :e)) AS ok",
+                             {"e": env_id, "k": key})
+        with claim.connection.cursor() as ahead:
+            ahead.execute(_to_pyformat("SELECT * FROM idempotency_keys WHERE env_id = :e AND key = :k"),
+                          {"e": env_id, "k": key})
+            row = claim.fetchone()  # one round trip for both: the pipeline sends them together
+            assert row is not None
+            stored = ahead.fetchone()
+        if row["ok"]:
+            self._ahead = ((env_id, key), stored)
         return bool(row["ok"])
+
+    def get(self, table: str, **where: Any) -> Row | None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and table == "idempotency_keys" and where.keys() == {"env_id", "key"} \
+                and ahead[0] == (where["env_id"], where["key"]):
+            return ahead[1]
+        return super().get(table, **where)
 
 
 class PostgresDatabase:
