@@ -146,7 +146,11 @@ class PostgresDatabase:
 
     @contextmanager
     def reader(self) -> Iterator[PgTx]:
-        with self._connection().cursor() as cur:
+        conn = self._connection()
+        # The thread's one connection: a read inside this thread's unit of work would run in that
+        # transaction, not beside it as a reader should.
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE, "reader() inside transaction()"
+        with conn.cursor() as cur:
             yield PgTx(cur, "pyformat")
 
     def retrying(self, fn: Callable[..., T], *args: Any) -> T:
