@@ -106,6 +106,8 @@ def test_lock_end_user_creates_the_end_user_once_and_serialises_writers(pg: obje
     def first() -> None:
         with pg.transaction() as tx:  # type: ignore[attr-defined]
             tx.lock_end_user(env_id, user, 1)
+            # The lock goes to the server with the next read (pipeline mode), as in every service.
+            tx.live_subscription(env_id, user)
             held.set()
             time.sleep(0.3)
             order.append("first")
@@ -113,7 +115,8 @@ def test_lock_end_user_creates_the_end_user_once_and_serialises_writers(pg: obje
     def second() -> None:
         held.wait(5)
         with pg.transaction() as tx:  # type: ignore[attr-defined]
-            tx.lock_end_user(env_id, user, 2)  # waits for the first to commit its new row
+            tx.lock_end_user(env_id, user, 2)
+            tx.live_subscription(env_id, user)  # waits for the first to commit its new row
             order.append("second")
 
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
@@ -138,3 +141,105 @@ def test_a_broken_connection_is_replaced(pg: object) -> None:
             tx.one("SELECT 1 AS one")
     with pg.reader() as tx:  # type: ignore[attr-defined]
         assert tx.one("SELECT 1 AS one") == {"one": 1}
+
+
+def test_the_sweep_counts_the_idempotency_records_it_deletes(pg: object) -> None:
+    """Inside a pipelined unit of work a cursor's rowcount is -1: the count must come from a read."""
+    env_id = random.randrange(10**12, 10**13)
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        for i, created in enumerate((1, 2, 10**15)):
+            tx.insert("idempotency_keys", {"env_id": env_id, "key": f"k{i}", "fingerprint": "f", "status": 201,
+                                           "body": b"{}", "created_at_us": created})
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        assert tx.delete_idempotency_older_than(3) >= 2
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        left = tx.all("SELECT key FROM idempotency_keys WHERE env_id = :e", {"e": env_id})
+    assert [row["key"] for row in left] == ["k2"]
+
+
+def test_lock_end_user_excludes_select_for_update_of_the_same_end_user(pg: object) -> None:
+    """Paths that lock several end users at once use SELECT … FOR UPDATE: the two locks conflict."""
+    env_id, user = random.randrange(10**12, 10**13), "shared"
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        tx.lock_end_user(env_id, user, 1)
+    held, order = threading.Event(), []
+
+    def upserting() -> None:
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            tx.lock_end_user(env_id, user, 2)
+            tx.live_subscription(env_id, user)
+            held.set()
+            time.sleep(0.3)
+            order.append("upsert")
+
+    def selecting() -> None:
+        held.wait(5)
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            tx.all("SELECT end_user_id FROM end_users WHERE env_id = :e AND end_user_id = :u FOR UPDATE",
+                   {"e": env_id, "u": user})
+            order.append("select")
+
+    threads = [threading.Thread(target=upserting), threading.Thread(target=selecting)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["upsert", "select"]
+
+
+def _stored(tx: object, env_id: int, key: str) -> None:
+    tx.insert("idempotency_keys", {"env_id": env_id, "key": key, "fingerprint": "f",  # type: ignore[attr-defined]
+                                   "status": 201, "body": b"{}", "created_at_us": 1})
+
+
+def test_the_claim_reads_the_stored_outcome_ahead_and_nothing_stale(pg: object) -> None:
+    env_id = random.randrange(10**12, 10**13)
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        assert tx.try_lock_key(env_id, "k")
+        _stored(tx, env_id, "k")  # written after the read-ahead: get() must not answer from it
+        row = tx.get("idempotency_keys", env_id=env_id, key="k")
+        assert row is not None and row["status"] == 201
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        assert tx.try_lock_key(env_id, "k")
+        row = tx.get("idempotency_keys", env_id=env_id, key="k")
+        assert row is not None and row["fingerprint"] == "f"
+        assert tx.try_lock_key(env_id, "other")
+        assert tx.get("idempotency_keys", env_id=env_id, key="k") is not None  # not the other key's answer
+
+
+def test_a_claim_granted_after_another_commits_sees_its_stored_outcome(pg: object) -> None:
+    env_id, answers = random.randrange(10**12, 10**13), []
+    claimed, finished = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            assert tx.try_lock_key(env_id, "k")
+            _stored(tx, env_id, "k")
+            claimed.set()
+            time.sleep(0.2)
+        finished.set()
+
+    def second() -> None:
+        claimed.wait(5)
+        while True:
+            with pg.transaction() as tx:  # type: ignore[attr-defined]
+                if tx.try_lock_key(env_id, "k"):
+                    answers.append(tx.get("idempotency_keys", env_id=env_id, key="k"))
+                    return
+            answers.append("in use")
+            finished.wait(5)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert answers[0] == "in use"
+    assert isinstance(answers[-1], dict) and answers[-1]["status"] == 201
+
+
+def test_idempotency_keys_can_be_claimed_in_environments_past_int4(pg: object) -> None:
+    """Environment ids are BIGSERIAL; the advisory lock once took them as int4 and failed past 2**31 - 1."""
+    for env_id in (1, 2**31 - 1, 2**31, 2**62):
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            assert tx.try_lock_key(env_id, "k")

@@ -302,9 +302,8 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
     @r.get("/v1/entitlements", tags=["entitlements"])
     async def list_entitlements(request: Request, end_user_id: str = Query(..., min_length=1, max_length=255),
                                 ) -> Response:
-        ctx = ctx_for(request, "entitlements:read", "read")
-
         def work() -> Any:
+            ctx = ctx_for(request, "entitlements:read", "read")
             with db.reader() as tx:
                 result = entitlements.entitlements(tx, ctx, end_user_id)
             if result is entitlements.NEEDS_WRITE:

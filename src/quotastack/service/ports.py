@@ -24,7 +24,9 @@ class Tx(Protocol):
 
     def get(self, table: str, **where: Any) -> Row | None: ...
 
-    def update(self, table: str, where: Mapping[str, Any], values: Mapping[str, Any]) -> int: ...
+    # Returns nothing: on PostgreSQL the statement is queued (pipeline mode) and its row count is
+    # not known until the next read; read the rows back if you need to know.
+    def update(self, table: str, where: Mapping[str, Any], values: Mapping[str, Any]) -> None: ...
 
     def page(self, table: str, env_id: int, filters: Mapping[str, Any], limit: int,
              starting_after: str | None, ranges: Mapping[str, tuple[int | None, int | None]] | None = None,

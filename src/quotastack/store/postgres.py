@@ -1,9 +1,10 @@
-"""The PostgreSQL adapter: pooled connections, store work in threads, retried transactions.
+"""The PostgreSQL adapter: store work in threads with a connection each, pipelined, retried.
 
 Several API processes may share one database. Correctness comes from three things:
-- every balance change first locks the end user's row (``SELECT … FOR UPDATE``), so changes to
-  one end user's balances are serialised while different end users proceed in parallel; a unit
-  of work locks at most one end user, so lock order cannot cycle;
+- every balance change first locks the end user's row (an upsert that locks it, see
+  ``PgTx.lock_end_user``), so changes to one end user's balances are serialised while different
+  end users proceed in parallel; a unit of work that locks several end users locks them in id
+  order, so lock waits cannot cycle;
 - an idempotency key is claimed with a transaction-scoped advisory lock, so a second request
   with a key that another process is still working on gets ``409 idempotency_key_in_use``;
 - a transaction that fails with a serialization failure or a deadlock (SQLSTATE 40001, 40P01)
@@ -16,7 +17,7 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -25,7 +26,8 @@ import psycopg
 from psycopg import errors
 from psycopg.rows import dict_row
 
-from .sql import SqlTx
+from ..service.ports import Row
+from .sql import SqlTx, _to_pyformat
 
 T = TypeVar("T")
 RETRYABLE = (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation)
@@ -44,31 +46,61 @@ class PgTx(SqlTx):
                      {"e": env_id, "u": end_user_id})
 
     def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None:
-        """Lock the end user's row, creating it first if this is the first mention.
+        """Create the end user on first mention, and lock the row until commit, in one statement.
 
-        The lock comes first: an end user who exists (nearly every request) costs one statement.
-        If the row is missing, the insert waits for any other transaction inserting it, and the
-        second ``SELECT … FOR UPDATE`` (a new statement, so a new snapshot at READ COMMITTED)
-        sees and locks whichever row won.
+        An upsert whose update changes nothing still locks the existing row like an ``UPDATE``
+        (waiting for any other holder, then seeing its committed row), and on first mention the
+        inserted row is locked as new. The statement returns nothing to wait for, so in pipeline
+        mode it goes to the server with the next read, which runs after the lock is held.
+        It conflicts with ``SELECT … FOR UPDATE`` on the same row (the sweep and batches), so
+        every path that changes an end user's balances still takes one lock per end user.
         """
-        if not self._lock_existing(env_id, end_user_id):
-            self.execute(
-                "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
-                "ON CONFLICT (env_id, end_user_id) DO NOTHING",
-                {"e": env_id, "u": end_user_id, "n": now_us},
-            )
-            locked = self._lock_existing(env_id, end_user_id)
-            assert locked, "the end user's row exists once its insert has returned"
+        self.execute(
+            "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
+            "ON CONFLICT (env_id, end_user_id) DO UPDATE SET created_at_us = end_users.created_at_us",
+            {"e": env_id, "u": end_user_id, "n": now_us},
+        )
 
-    def _lock_existing(self, env_id: int, end_user_id: str) -> bool:
-        row = self.one("SELECT 1 AS locked FROM end_users WHERE env_id = :e AND end_user_id = :u FOR UPDATE",
-                       {"e": env_id, "u": end_user_id})
-        return row is not None
+    def delete_idempotency_older_than(self, cutoff_us: int) -> int:
+        # Counted by a read: in pipeline mode a cursor's rowcount is not known until later.
+        return int(self.scalar("WITH gone AS (DELETE FROM idempotency_keys WHERE created_at_us < :c RETURNING 1) "
+                               "SELECT COUNT(*) FROM gone", {"c": cutoff_us}))
+
+    # The stored outcome read ahead by try_lock_key: ((env_id, key), row), for the get() after it.
+    _ahead: tuple[tuple[int, str], Row | None] | None = None
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        self._ahead = None  # anything else done in between makes the read-ahead stale
+        return super().execute(sql, params)
 
     def try_lock_key(self, env_id: int, key: str) -> bool:
-        row = self.one("SELECT pg_try_advisory_xact_lock(:e, hashtext(:k)) AS ok", {"e": env_id, "k": key})
-        assert row is not None
+        """Claim the key, and read its stored outcome in the same round trip.
+
+        ``Mutations.once`` reads the stored outcome right after the claim. The read is a
+        statement of its own, queued behind the claim, so (at READ COMMITTED) it sees every
+        outcome committed before the claim was granted, exactly as a separate read would; it
+        just doesn't wait for the claim's answer before being sent.
+        """
+        # One 64-bit lock key: the key's hash seeded with the environment. (The two-int form took
+        # env_id as int4, and failed once an environment's id passed 2**31 - 1.)
+        claim = self.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(:k, :e)) AS ok",
+                             {"e": env_id, "k": key})
+        with claim.connection.cursor() as ahead:
+            ahead.execute(_to_pyformat("SELECT * FROM idempotency_keys WHERE env_id = :e AND key = :k"),
+                          {"e": env_id, "k": key})
+            row = claim.fetchone()  # one round trip for both: the pipeline sends them together
+            assert row is not None
+            stored = ahead.fetchone()
+        if row["ok"]:
+            self._ahead = ((env_id, key), stored)
         return bool(row["ok"])
+
+    def get(self, table: str, **where: Any) -> Row | None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and table == "idempotency_keys" and where.keys() == {"env_id", "key"} \
+                and ahead[0] == (where["env_id"], where["key"]):
+            return ahead[1]
+        return super().get(table, **where)
 
 
 class PostgresDatabase:
@@ -121,7 +153,11 @@ class PostgresDatabase:
 
     @contextmanager
     def reader(self) -> Iterator[PgTx]:
-        with self._connection().cursor() as cur:
+        conn = self._connection()
+        # The thread's one connection: a read inside this thread's unit of work would run in that
+        # transaction, not beside it as a reader should.
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE, "reader() inside transaction()"
+        with conn.cursor() as cur:
             yield PgTx(cur, "pyformat")
 
     def retrying(self, fn: Callable[..., T], *args: Any) -> T:

@@ -93,12 +93,12 @@ class SqlTx:
         cond = " AND ".join(f"{c} = :{c}" for c in where)
         return self.one(f"SELECT * FROM {table} WHERE {cond}", where)
 
-    def update(self, table: str, where: Mapping[str, Any], values: Mapping[str, Any]) -> int:
+    def update(self, table: str, where: Mapping[str, Any], values: Mapping[str, Any]) -> None:
         self._wrote(table)
         sets = ", ".join(f"{c} = :v_{c}" for c in values)
         cond = " AND ".join(f"{c} = :w_{c}" for c in where)
         params = {f"v_{c}": v for c, v in values.items()} | {f"w_{c}": v for c, v in where.items()}
-        return int(self.execute(f"UPDATE {table} SET {sets} WHERE {cond}", params).rowcount)
+        self.execute(f"UPDATE {table} SET {sets} WHERE {cond}", params)
 
     def page(self, table: str, env_id: int, filters: Mapping[str, Any], limit: int,
              starting_after: str | None,
