@@ -54,6 +54,13 @@ class ServerProcess:
                 raise RuntimeError(f"quotastack serve did not start (exit {self.proc.poll()})")
             time.sleep(0.05)
 
+    def __enter__(self) -> "ServerProcess":
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def kill(self) -> None:
         """SIGKILL: no shutdown, no cleanup, mid-request if a request is running."""
         if self.proc is not None and self.proc.poll() is None:

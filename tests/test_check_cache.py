@@ -8,10 +8,12 @@ some of its checks, so none of them passes by never caching.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from quotastack.api.app import Settings
@@ -20,6 +22,8 @@ from quotastack.service.context import Ctx
 from quotastack.store import open_database
 
 from .conftest import Api, Server, assert_error, feature, grant, instant, new_tenant, rfc3339, subscribe, use, variant
+from .processes import ServerProcess
+from .processes import new_tenant as new_process_tenant
 from .serving import OPERATOR_KEY, database_url, serve
 
 
@@ -235,3 +239,52 @@ def test_without_a_cache_the_check_reads_the_database(tmp_path: Path) -> None:
         finally:
             tenant.sandbox.close()
             tenant.live.close()
+
+
+def test_two_server_processes_on_one_file_never_serve_a_stale_check(tmp_path: Path) -> None:
+    """Writes through one process, checks through the other, alternately and from several threads
+    at once: every check that starts after a write's answer arrived reflects that write; and the
+    checking process does keep answers (once nothing is written, a repeated check is a hit)."""
+    url = database_url("sqlite", tmp_path)
+    with ServerProcess(url, sweep_interval_seconds=0) as first, ServerProcess(url, sweep_interval_seconds=0) as second:
+        writer = new_process_tenant(first.base_url)
+        key = writer.headers["authorization"]
+        reader = httpx.Client(base_url=second.base_url, timeout=30, headers={"Authorization": key})
+        try:
+            assert writer.post("/v1/features", json={"key": "api_calls"}).status_code == 201
+            users = [f"u{i}" for i in range(4)]
+            for user in users:
+                assert writer.post("/v1/grants", json={"end_user_id": user, "feature_key": "api_calls",
+                                                       "amount": 1000}).status_code == 201
+
+            def timeline(user: str) -> list[int]:
+                with httpx.Client(base_url=second.base_url, timeout=30, headers={"Authorization": key}) as mine, \
+                        httpx.Client(base_url=first.base_url, timeout=30, headers={"Authorization": key}) as w:
+                    seen = []
+                    for step in range(25):
+                        for _ in range(2):
+                            body = mine.get("/v1/entitlements/check",
+                                            params={"end_user_id": user, "feature_key": "api_calls"}).json()
+                            seen.append(body["balance"])
+                        assert w.post("/v1/usage", json={"end_user_id": user, "feature_key": "api_calls",
+                                                         "units": step + 1}).status_code == 201
+                    return seen
+
+            with ThreadPoolExecutor(len(users)) as pool:
+                timelines = list(pool.map(timeline, users))
+            expected = [value for step in range(25) for value in [1000 - step * (step + 1) // 2] * 2]
+            assert timelines == [expected] * len(users)
+
+            def hits() -> float:
+                lines = [line for line in reader.get("/metrics").text.splitlines()
+                         if line.startswith('quotastack_check_cache_lookups_total{result="hit"}')]
+                return float(lines[0].split()[-1])
+
+            before = hits()
+            for _ in range(3):
+                assert reader.get("/v1/entitlements/check", params={"end_user_id": "u0", "feature_key": "api_calls"}
+                                  ).json()["balance"] == 1000 - 24 * 25 // 2 - 25
+            assert hits() - before >= 2
+        finally:
+            reader.close()
+            writer.close()
