@@ -288,3 +288,39 @@ def test_two_server_processes_on_one_file_never_serve_a_stale_check(tmp_path: Pa
         finally:
             reader.close()
             writer.close()
+
+
+def test_an_answer_that_names_a_reset_is_kept_no_longer_than_that(tmp_path: Path) -> None:
+    """Found by trying to break the cache: a paused subscription (no boundary due) and an
+    allowance of 0 with a reset (no window kept) left answers whose ``resets_at`` was kept past
+    itself. Each kept answer now ends at the ``resets_at`` it names."""
+    with serve(database_url("sqlite", tmp_path),
+               Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0)) as running:
+        tenant = new_tenant(running.base_url)
+        api = tenant.sandbox
+        cache = running.app.app.state.check_cache
+        try:
+            feature(api, "msgs")
+            feature(api, "zero")
+            minute = {"every": 1, "unit": "minute"}
+            both = variant(api, [{"feature_key": "msgs", "amount": 5, "reset": minute},
+                                 {"feature_key": "zero", "amount": 0, "reset": minute}], key="pro_monthly")
+            zero = variant(api, [{"feature_key": "zero", "amount": 0, "reset": minute}], key="pro_zero")
+            paused = subscribe(api, "p", both["id"])
+            api.ok("POST", f"/v1/subscriptions/{paused['id']}/pause", {})
+            subscribe(api, "z", zero["id"])
+            for user, key in (("p", "msgs"), ("z", "zero")):
+                answer = check(api, user, key)
+                assert answer["resets_at"] is not None
+                assert check(api, user, key) == answer  # kept
+                (_body, since, until), = cache._users[user].values()
+                assert until == instant_us(answer["resets_at"]), (user, answer)  # no sandbox offset
+                assert since < until
+        finally:
+            tenant.sandbox.close()
+            tenant.live.close()
+
+
+def instant_us(timestamp: str) -> int:
+    moment = instant(timestamp)
+    return int(moment.timestamp()) * 1_000_000 + moment.microsecond

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..domain.errors import InvalidRequest, NotFound, QuotaStackError
+from ..domain.periods import parse_rfc3339
 from ..service import entitlements
 from ..service.ports import Database
 from ..service.subscriptions import ensure_subscription
@@ -120,8 +121,13 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
                     result = entitlements.check(tx, ctx, end_user_id, feature_key, units)
             elif cache is not None:
                 body = dumps(result)
-                cache.put(generation, end_user_id, key_hash, feature_key, units, snap, body, real_now,
-                          horizon_of(snap))
+                until = horizon_of(snap)
+                if result.get("resets_at") is not None:
+                    # The answer names the end of its window: it holds until then at most, even
+                    # where no boundary is due then (a paused subscription, an allowance of 0).
+                    window_end = parse_rfc3339(result["resets_at"], "resets_at")
+                    until = window_end if until is None else min(until, window_end)
+                cache.put(generation, end_user_id, key_hash, feature_key, units, snap, body, real_now, until)
                 return body
             return result  # type: ignore[no-any-return]
 
