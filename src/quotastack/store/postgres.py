@@ -41,25 +41,14 @@ class PgTx(SqlTx):
     # Code-point order, as Python sorts ids (``advance_due``, the sweep): one lock order for all.
     _LOCK_IN_ORDER = ' ORDER BY end_user_id COLLATE "C" FOR UPDATE'
 
-    def _lock_row(self, env_id: int, end_user_id: str) -> None:
-        self.execute("SELECT 1 FROM end_users WHERE env_id = :e AND end_user_id = :u FOR UPDATE",
-                     {"e": env_id, "u": end_user_id})
-
-    def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None:
-        """Create the end user on first mention, and lock the row until commit, in one statement.
-
-        An upsert whose update changes nothing still locks the existing row like an ``UPDATE``
-        (waiting for any other holder, then seeing its committed row), and on first mention the
-        inserted row is locked as new. The statement returns nothing to wait for, so in pipeline
-        mode it goes to the server with the next read, which runs after the lock is held.
-        It conflicts with ``SELECT … FOR UPDATE`` on the same row (the sweep and batches), so
-        every path that changes an end user's balances still takes one lock per end user.
-        """
-        self.execute(
-            "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
-            "ON CONFLICT (env_id, end_user_id) DO UPDATE SET created_at_us = end_users.created_at_us",
-            {"e": env_id, "u": end_user_id, "n": now_us},
-        )
+    # ``lock_end_user`` on PostgreSQL: an upsert whose update changes nothing still locks the
+    # existing row like an ``UPDATE`` (waiting for any other holder, then seeing its committed
+    # row), and on first mention the inserted row is locked as new: create and lock in one
+    # statement. It returns nothing to wait for, so in pipeline mode it goes to the server with
+    # the next read, which runs after the lock is held. It conflicts with ``SELECT … FOR UPDATE``
+    # on the same row (the sweep and batches), so every path that changes an end user's balances
+    # still takes one lock per end user.
+    _ON_EXISTING_END_USER = "DO UPDATE SET created_at_us = end_users.created_at_us"
 
     def delete_idempotency_older_than(self, cutoff_us: int) -> int:
         # Counted by a read: in pipeline mode a cursor's rowcount is not known until later.

@@ -139,19 +139,19 @@ class SqlTx:
 
     # ---- balances ---------------------------------------------------------------------------
 
+    # What ``lock_end_user``'s upsert does to an end user who exists: on SQLite nothing (the write
+    # transaction already excludes every other writer).
+    _ON_EXISTING_END_USER = "DO NOTHING"
+
     def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None:
         """Create the end user on first mention and serialise balance changes per end user."""
         self.touched_users.add(end_user_id)
         self._wrote("end_users")
         self.execute(
             "INSERT INTO end_users (env_id, end_user_id, created_at_us) VALUES (:e, :u, :n) "
-            "ON CONFLICT (env_id, end_user_id) DO NOTHING",
+            "ON CONFLICT (env_id, end_user_id) " + self._ON_EXISTING_END_USER,
             {"e": env_id, "u": end_user_id, "n": now_us},
         )
-        self._lock_row(env_id, end_user_id)
-
-    def _lock_row(self, env_id: int, end_user_id: str) -> None:
-        """SQLite's write transaction already excludes every other writer."""
 
     # How ``existing_end_users`` locks the rows it finds (SQLite's write lock already has).
     _LOCK_IN_ORDER = ""
