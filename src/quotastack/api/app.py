@@ -16,14 +16,12 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..domain.errors import InvalidRequest, NotFound, QuotaStackError
-from ..domain.periods import parse_rfc3339
 from ..service import entitlements
 from ..service.ports import Database
 from ..service.subscriptions import ensure_subscription
 from ..service.sweep import sweep
 from ..service.tenants import hash_key
 from ..store.database import SqliteDatabase
-from ..store.sql import horizon_of
 from .auth import Authenticator, RateLimiter, bearer, now_us
 from .checks import CheckCache
 from .edge import Edge, Metrics
@@ -114,19 +112,16 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
             with db.reader() as tx:
                 snap = tx.check_snapshot(key_hash, end_user_id, feature_key, real_now, horizon=cache is not None)
             ctx = auth.authorize(snap, rid, scopes, real_now)
-            result = entitlements.evaluate(snap, ctx, end_user_id, feature_key, units)
+            if cache is None:
+                result = entitlements.evaluate(snap, ctx, end_user_id, feature_key, units)
+            else:
+                result, until = entitlements.evaluate_until(snap, ctx, end_user_id, feature_key, units)
             if result is entitlements.NEEDS_WRITE:
                 with db.transaction() as tx:
                     ensure_subscription(tx, ctx, end_user_id)
                     result = entitlements.check(tx, ctx, end_user_id, feature_key, units)
             elif cache is not None:
                 body = dumps(result)
-                until = horizon_of(snap)
-                if result.get("resets_at") is not None:
-                    # The answer names the end of its window: it holds until then at most, even
-                    # where no boundary is due then (a paused subscription, an allowance of 0).
-                    window_end = parse_rfc3339(result["resets_at"], "resets_at")
-                    until = window_end if until is None else min(until, window_end)
                 cache.put(generation, end_user_id, key_hash, feature_key, units, snap, body, real_now, until)
                 return body
             return result  # type: ignore[no-any-return]

@@ -35,29 +35,50 @@ def check(tx: Tx, ctx: Ctx, end_user_id: str, feature_key: str, units: object = 
 
 def evaluate(snap: Row | None, ctx: Ctx, end_user_id: str, feature_key: str, units: object = 1) -> Any:
     """The check's answer from its snapshot (``Tx.entitlement_snapshot`` or ``Tx.check_snapshot``)."""
+    return _answer(snap, ctx, end_user_id, feature_key, units)[0]
+
+
+def evaluate_until(snap: Row, ctx: Ctx, end_user_id: str, feature_key: str, units: object = 1,
+                   ) -> tuple[Any, int | None]:
+    """The answer, and the first instant (the environment's time) at which time alone may change
+    it, None when none ahead does. ``snap`` is a ``Tx.check_snapshot(horizon=True)`` row: its
+    ``h_*`` columns are the subscription's next boundary, the next block of the charged feature to
+    take effect or expire, the next held reservation to expire; an answer that names a
+    ``resets_at`` ends there too (a paused subscription, or an allowance of 0, has no boundary due
+    though its window moves)."""
+    result, window_end = _answer(snap, ctx, end_user_id, feature_key, units)
+    instants = [snap[c] for c in ("h_due", "h_blocks", "h_reservation") if snap[c] is not None]
+    if window_end is not None:
+        instants.append(window_end)
+    return result, min(instants, default=None)
+
+
+def _answer(snap: Row | None, ctx: Ctx, end_user_id: str, feature_key: str, units: object,
+            ) -> tuple[Any, int | None]:
+    """``evaluate``'s answer, and the end of the window its ``resets_at`` names (or None)."""
     result: dict[str, Any] = {
         "allowed": False, "balance": None, "end_user_id": end_user_id, "feature_key": feature_key,
         "unlimited": False, "reason": None, "resets_at": None, "units": None,
     }
     if snap is None or snap["f_key"] is None:
         result["reason"] = "unknown_feature"
-        return result
+        return result, None
     precision = snap["f_precision"]
     units_minor = to_minor(units, precision, "units")
     result["units"] = views.amount(units_minor, precision)
     if snap["needs_write"]:
-        return NEEDS_WRITE
+        return NEEDS_WRITE, None
     has_own, has_pool = snap["own_enabled"] is not None, snap["pool_enabled"] is not None
     if snap["f_type"] == "boolean":
         result["allowed"] = bool(has_own and snap["own_enabled"])
         result["reason"] = None if result["allowed"] else "feature_disabled" if has_own else "no_entitlement"
-        return result
+        return result, None
     if has_own and not snap["own_enabled"]:
         result["reason"] = "feature_disabled"
-        return result
+        return result, None
     if (has_own and snap["own_unlimited"]) or (has_pool and snap["pool_unlimited"]):
         result.update(allowed=True, unlimited=True)
-        return result
+        return result, None
     amount, charged_precision = units_minor, precision
     if snap["f_pool"] is not None:
         charged_precision = snap["pool_precision"]
@@ -70,9 +91,10 @@ def evaluate(snap: Row | None, ctx: Ctx, end_user_id: str, feature_key: str, uni
     side = "own" if has_own and snap["own_amount"] is not None else "pool" if has_pool else "own" if has_own else None
     balance = int(snap["free"]) + int(snap["returned"])
     result["balance"] = views.amount(balance, charged_precision)
+    window_end = None
     if side is not None and snap["sub_id"] is not None and snap[f"{side}_amount"] is not None:
-        reset = _duration(snap[f"{side}_reset"])
-        result["resets_at"] = views.ts(window_of(snap, reset, ctx.now_us)[1])
+        window_end = window_of(snap, _duration(snap[f"{side}_reset"]), ctx.now_us)[1]
+        result["resets_at"] = views.ts(window_end)
     allow_overage = side is not None and snap[f"{side}_overage"] == "allow"
     if balance >= amount or allow_overage:
         result["allowed"] = True
@@ -82,7 +104,7 @@ def evaluate(snap: Row | None, ctx: Ctx, end_user_id: str, feature_key: str, uni
         result["reason"] = "subscription_paused"
     else:
         result["reason"] = "no_entitlement" if side is None and balance == 0 else "insufficient_balance"
-    return result
+    return result, window_end
 
 
 @lru_cache(maxsize=4096)

@@ -224,7 +224,7 @@ class SqlTx:
         The instant is the key's environment's (real time plus the sandbox clock's advance). The
         feature's columns are NULL when it does not exist; None when the key does not. With
         ``horizon``, the row also says when time alone next changes the answer (``h_*`` columns,
-        in the environment's time; see ``horizon_of``): the snapshot stays true until then, or
+        in the environment's time; see ``entitlements.evaluate_until``): the snapshot stays true until then, or
         until a write.
         """
         return self.one(
@@ -466,13 +466,6 @@ _HORIZON = (
 ).format(t=_CHECK_T)
 _CHECK_SNAPSHOT = _SNAPSHOT.format(env="k.env_id", t=_CHECK_T) + _CHECK_FROM
 _CHECK_SNAPSHOT_HORIZON = _SNAPSHOT.format(env="k.env_id", t=_CHECK_T) + _HORIZON + _CHECK_FROM
-
-
-def horizon_of(snap: Row) -> int | None:
-    """The first instant (environment time) after which a ``check_snapshot(horizon=True)`` row may
-    no longer hold without any write: None when no instant ahead changes it."""
-    instants = [snap[c] for c in ("h_due", "h_blocks", "h_reservation") if snap[c] is not None]
-    return min(instants) if instants else None
 
 
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
