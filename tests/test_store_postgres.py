@@ -12,7 +12,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -99,32 +100,44 @@ def test_a_domain_error_in_a_savepoint_keeps_the_rest_of_the_transaction(pg: obj
     assert rows(pg, table) == [1, 21]
 
 
-def test_lock_end_user_creates_the_end_user_once_and_serialises_writers(pg: object) -> None:
-    env_id, user = random.randrange(10**12, 10**13), "racer"
+def in_turn(pg: object, holder: Callable[[Any], None], waiter: Callable[[Any], None]) -> list[str]:
+    """``holder`` in a transaction that then holds its locks 0.3 s, ``waiter`` in another started
+    meanwhile: the order in which they got past their locks."""
     held, order = threading.Event(), []
 
-    def first() -> None:
+    def hold() -> None:
         with pg.transaction() as tx:  # type: ignore[attr-defined]
-            tx.lock_end_user(env_id, user, 1)
-            # The lock goes to the server with the next read (pipeline mode), as in every service.
-            tx.live_subscription(env_id, user)
+            holder(tx)
             held.set()
             time.sleep(0.3)
-            order.append("first")
+            order.append("holder")
 
-    def second() -> None:
+    def wait() -> None:
         held.wait(5)
         with pg.transaction() as tx:  # type: ignore[attr-defined]
-            tx.lock_end_user(env_id, user, 2)
-            tx.live_subscription(env_id, user)  # waits for the first to commit its new row
-            order.append("second")
+            waiter(tx)
+            order.append("waiter")
 
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads = [threading.Thread(target=hold), threading.Thread(target=wait)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(10)
-    assert order == ["first", "second"]
+    return order
+
+
+def test_lock_end_user_creates_the_end_user_once_and_serialises_writers(pg: object) -> None:
+    env_id, user = random.randrange(10**12, 10**13), "racer"
+
+    def lock(now_us: int) -> Callable[[Any], None]:
+        def run(tx: Any) -> None:
+            tx.lock_end_user(env_id, user, now_us)
+            # The lock goes to the server with the next read (pipeline mode), as in every service;
+            # the waiter's read waits for the holder to commit its new row.
+            tx.live_subscription(env_id, user)
+        return run
+
+    assert in_turn(pg, lock(1), lock(2)) == ["holder", "waiter"]
     with pg.reader() as tx:  # type: ignore[attr-defined]
         found = tx.all("SELECT created_at_us FROM end_users WHERE env_id = :e AND end_user_id = :u",
                        {"e": env_id, "u": user})
@@ -162,29 +175,16 @@ def test_lock_end_user_excludes_select_for_update_of_the_same_end_user(pg: objec
     env_id, user = random.randrange(10**12, 10**13), "shared"
     with pg.transaction() as tx:  # type: ignore[attr-defined]
         tx.lock_end_user(env_id, user, 1)
-    held, order = threading.Event(), []
 
-    def upserting() -> None:
-        with pg.transaction() as tx:  # type: ignore[attr-defined]
-            tx.lock_end_user(env_id, user, 2)
-            tx.live_subscription(env_id, user)
-            held.set()
-            time.sleep(0.3)
-            order.append("upsert")
+    def upsert(tx: Any) -> None:
+        tx.lock_end_user(env_id, user, 2)
+        tx.live_subscription(env_id, user)
 
-    def selecting() -> None:
-        held.wait(5)
-        with pg.transaction() as tx:  # type: ignore[attr-defined]
-            tx.all("SELECT end_user_id FROM end_users WHERE env_id = :e AND end_user_id = :u FOR UPDATE",
-                   {"e": env_id, "u": user})
-            order.append("select")
+    def select(tx: Any) -> None:
+        tx.all("SELECT end_user_id FROM end_users WHERE env_id = :e AND end_user_id = :u FOR UPDATE",
+               {"e": env_id, "u": user})
 
-    threads = [threading.Thread(target=upserting), threading.Thread(target=selecting)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert order == ["upsert", "select"]
+    assert in_turn(pg, upsert, select) == ["holder", "waiter"]
 
 
 def _stored(tx: object, env_id: int, key: str) -> None:
