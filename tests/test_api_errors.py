@@ -349,7 +349,8 @@ def test_a_bug_in_the_fast_path_check_is_500_in_the_envelope(api: Api, monkeypat
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug in the check")
 
-    monkeypatch.setattr(entitlements_service, "evaluate", broken)
+    # The core that every way of answering a check goes through (kept answers or not).
+    monkeypatch.setattr(entitlements_service, "_answer", broken)
     reply = api.get("/v1/entitlements/check", end_user_id="u1", feature_key="credits")
     assert reply.headers["content-type"] == "application/json"
     assert_error(reply, 500, "internal_error")
