@@ -5,11 +5,10 @@ tells this cache whose checks each unit of work may have changed (the end users 
 everyone when it touched the catalog, keys or environments); a commit by any other connection
 (another process on the same file, ``quotastack worker``) moves SQLite's ``data_version``, which
 the first lookup of every burst of requests reads first (see ``_unversion``), and which empties
-the cache. An answer is also dated: it holds from
-the instant it was read until the first instant at which time alone changes it (the next
-renewal or reset, the next block to take effect or expire, the next reservation to expire; see
-``SqlTx.check_snapshot``). So a cached answer is exactly what the ledger would say: it never
-lags a write or a boundary.
+the cache. An answer is also dated: it holds from the instant it was read until the first
+instant at which time alone changes it (the next renewal or reset, the next block to take effect
+or expire, the next reservation to expire; see ``SqlTx.check_snapshot``). So a cached answer is
+exactly what the ledger would say: it never lags a write or a boundary.
 
 What is kept is the response body, per end user, environment, feature and ``units``, and each
 key's principal apart: every hit is still authorised (scopes, revocation, rate limit) like a
@@ -22,6 +21,7 @@ A server that runs the ASGI lifespan (``quotastack serve``) warms the cache when
 environment, in id order, a run of them at a time between requests, until the cache is full.
 The first check of an end user is then a hit too; a warmed answer is read, dated and forgotten
 exactly like one a check read.
+
 PostgreSQL deployments run several processes that write without telling each other, so they
 read every check from the database.
 """
@@ -42,9 +42,12 @@ from ..store.database import SqliteDatabase
 from .auth import now_us
 from .render import dumps
 
-# body, valid from (real µs, inclusive), valid until (real µs, exclusive), by (environment id,
-# feature key, units) per end user; each key's principal is kept once, by its hash. Entries and their keys hold only strings, bytes and ints, which the
-# garbage collector stops tracking: a full cache costs its collections nothing. Entry = tuple[bytes, int, int]
+# body, valid from (real µs, inclusive), valid until (real µs, exclusive); kept by (environment
+# id, feature key, units) per end user. Each key's principal is kept once, by the key's hash.
+# Entries and their keys hold only strings, bytes and ints, which the garbage collector stops
+# tracking: a full cache costs its collections nothing.
+Entry = tuple[bytes, int, int]
+EntryKey = tuple[int, str, str]
 PRINCIPAL_COLUMNS = ("key_id", "env_id", "scopes", "revoked_at_us", "tenant_id", "kind", "clock_offset_us")
 FOREVER = 2**63
 
@@ -53,7 +56,7 @@ class CheckCache:
     def __init__(self, db: SqliteDatabase, max_entries: int) -> None:
         self.db = db
         self.max_entries = max_entries
-        self._users: dict[str, dict[str, Entry]] = {}
+        self._users: dict[str, dict[EntryKey, Entry]] = {}
         self._principals: dict[str, dict[str, Any]] = {}  # by key hash; a key change empties all
         self._size = 0
         # Bumped by every invalidation: an answer read before one is not stored after it.
