@@ -104,8 +104,22 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
         metrics.extra.append(cache.metrics)
         auth.principals = cache
 
+    scopes = ("entitlements:read", "read")
+
+    def kept_answer(authorization: str | None, query: dict[str, str]) -> bytes | None:
+        """The check's kept answer, authorised, when there is one; None sends the check down
+        ``check_endpoint`` (which also answers every bad request). No statement, no await."""
+        end_user_id = query.get("end_user_id")
+        feature_key = query.get("feature_key")
+        if cache is None or not end_user_id or len(end_user_id) > 255 or not feature_key or not authorization:
+            return None
+        hit = cache.get(end_user_id, hash_key(bearer(authorization)), feature_key, query.get("units", "1"), now_us())
+        if hit is None:
+            return None
+        auth.permit(hit[0], scopes)
+        return hit[1]
+
     async def check_endpoint(authorization: str | None, rid: str, query: dict[str, str]) -> dict[str, Any] | bytes:
-        scopes = ("entitlements:read", "read")
         end_user_id = query.get("end_user_id")
         feature_key = query.get("feature_key")
         if not end_user_id or len(end_user_id) > 255 or not feature_key:
@@ -119,10 +133,6 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
         def work() -> dict[str, Any] | bytes:
             real_now = now_us()
             if cache is not None:
-                hit = cache.get(end_user_id, key_hash, feature_key, units, real_now)
-                if hit is not None:
-                    auth.authorize(hit[0], rid, scopes, real_now)
-                    return hit[1]
                 generation = cache.generation
             # One statement reads the key's principal and everything the check needs.
             with db.reader() as tx:
@@ -187,4 +197,4 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return Edge(app, check_endpoint, metrics, direct)
+    return Edge(app, check_endpoint, metrics, direct, kept_answer if cache is not None else None)
