@@ -461,8 +461,8 @@ def _batch(mutations: Mutations, tx: Tx, ctx: Ctx, events: list[Any]) -> dict[st
 
     plain: list[tuple[int, str, dict[str, Any] | None]] = []
     for i in sorted(range(len(events)), key=end_user):
-        data: dict[str, Any] | None = None
-        if isinstance(events[i], dict) and events[i].get("idempotency_key") is None:
+        data = schemas.plain_usage(events[i])
+        if data is None and isinstance(events[i], dict) and events[i].get("idempotency_key") is None:
             try:
                 data = validate(schemas.UsageIn, events[i])
             except QuotaStackError:
