@@ -176,8 +176,9 @@ class SqlTx:
         """Set blocks' ``remaining``: (block id, amount) pairs, one statement for all."""
         if pairs:
             self._wrote("blocks")
-            self._cur.executemany(self._sql("UPDATE blocks SET remaining = :r WHERE id = :i"),
-                                  [{"i": block_id, "r": amount} for block_id, amount in pairs])
+            mark = "%s" if self._pyformat else "?"
+            self._cur.executemany(f"UPDATE blocks SET remaining = {mark} WHERE id = {mark}",
+                                  [(amount, block_id) for block_id, amount in pairs])
 
     def try_lock_key(self, env_id: int, key: str) -> bool:
         """Claim an idempotency key for this transaction; SQLite's write lock already has."""
