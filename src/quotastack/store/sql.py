@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 from ..service.ports import Row
@@ -85,9 +86,12 @@ class SqlTx:
         if not rows:
             return
         self._wrote(table, rows)
-        cols = ", ".join(rows[0])
-        vals = ", ".join(f":{c}" for c in rows[0])
-        self._cur.executemany(self._sql(f"INSERT INTO {table} ({cols}) VALUES ({vals})"), rows)
+        # Positional parameters: binding fifteen names from a dict per row was a sizeable part of
+        # a batch's inserts. Every row has the first row's columns.
+        cols = list(rows[0])
+        marks = ", ".join(["%s" if self._pyformat else "?"] * len(cols))
+        values = itemgetter(*cols) if len(cols) > 1 else (lambda row: (row[cols[0]],))
+        self._cur.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})", list(map(values, rows)))
 
     def get(self, table: str, **where: Any) -> Row | None:
         cond = " AND ".join(f"{c} = :{c}" for c in where)
@@ -172,8 +176,9 @@ class SqlTx:
         """Set blocks' ``remaining``: (block id, amount) pairs, one statement for all."""
         if pairs:
             self._wrote("blocks")
-            self._cur.executemany(self._sql("UPDATE blocks SET remaining = :r WHERE id = :i"),
-                                  [{"i": block_id, "r": amount} for block_id, amount in pairs])
+            mark = "%s" if self._pyformat else "?"
+            self._cur.executemany(f"UPDATE blocks SET remaining = {mark} WHERE id = {mark}",
+                                  [(amount, block_id) for block_id, amount in pairs])
 
     def try_lock_key(self, env_id: int, key: str) -> bool:
         """Claim an idempotency key for this transaction; SQLite's write lock already has."""
@@ -498,11 +503,29 @@ def _chunks(values: list[Any], size: int = 400) -> list[list[Any]]:
 
 
 def _in_list(prefix: str, values: Sequence[Any], params: dict[str, Any]) -> str:
-    """``:prefix0, :prefix1, …`` for an ``IN (…)`` list, adding the values to ``params``."""
+    """``:prefix0, :prefix1, …`` for an ``IN (…)`` list, adding the values to ``params``.
+
+    The list is padded to a multiple of 16 (beyond 8 values) by repeating its last value, which
+    changes nothing an ``IN`` matches: a batch's statements then come in a few lengths, each
+    prepared once and kept by the driver, instead of a new statement text (parsed and planned
+    again, ~100 µs for a hundred values) for every count of end users.
+    """
     assert values, "an IN list needs at least one value"
+    count = len(values)
+    padded = count if count <= 8 else -(-count // 16) * 16
     for i, value in enumerate(values):
         params[f"{prefix}{i}"] = value
-    return ", ".join(f":{prefix}{i}" for i in range(len(values)))
+    for i in range(count, padded):
+        params[f"{prefix}{i}"] = values[-1]
+    return _IN_MARKS[prefix, padded] if (prefix, padded) in _IN_MARKS else _in_marks(prefix, padded)
+
+
+_IN_MARKS: dict[tuple[str, int], str] = {}
+
+
+def _in_marks(prefix: str, count: int) -> str:
+    marks = _IN_MARKS[prefix, count] = ", ".join(f":{prefix}{i}" for i in range(count))
+    return marks
 
 
 @lru_cache(maxsize=2048)
