@@ -322,7 +322,7 @@ def test_an_answer_that_names_a_reset_is_kept_no_longer_than_that(tmp_path: Path
                 check(api, user, key)
                 answer = check(api, user, key)  # kept, unless a minute began in between
                 assert answer["resets_at"] is not None
-                (_body, since, until), = cache._users[user].values()
+                (_body, since, until), = cache.kept(user)
                 assert until == instant_us(answer["resets_at"]), (user, answer)  # no sandbox offset
                 assert since < until
         finally:
