@@ -10,7 +10,9 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,10 @@ from quotastack.service import credits, entitlements
 from quotastack.service.context import Ctx
 from quotastack.store import open_database
 
-from .conftest import Api, Server, assert_error, feature, grant, instant, new_tenant, rfc3339, subscribe, use, variant
+from .conftest import Api, Server, Tenant, assert_error, feature, grant, instant, new_tenant, rfc3339, subscribe, use, variant
 from .processes import ServerProcess
 from .processes import new_tenant as new_process_tenant
-from .serving import OPERATOR_KEY, database_url, serve
+from .serving import OPERATOR_KEY, Running, database_url, serve
 
 
 def check(api: Api, end_user_id: str, feature_key: str = "api_calls", **params: Any) -> dict[str, Any]:
@@ -56,6 +58,18 @@ def cached(hits: Hits) -> None:
 @pytest.fixture
 def hits(server: Server) -> Hits:
     return Hits(server)
+
+
+@contextmanager
+def sqlite_server(url: str, **settings: Any) -> Iterator[tuple[Running, Tenant]]:
+    """A server (no sweep) on the SQLite file at ``url``, and a new tenant in it; closed after."""
+    with serve(url, Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0, **settings)) as running:
+        tenant = new_tenant(running.base_url)
+        try:
+            yield running, tenant
+        finally:
+            tenant.sandbox.close()
+            tenant.live.close()
 
 
 def plan(api: Api, amount: int = 100) -> str:
@@ -161,29 +175,24 @@ def test_a_write_by_another_connection_reaches_the_next_check(tmp_path: Path) ->
     """Another process (or ``quotastack worker``) writes the same SQLite file: SQLite's
     ``data_version`` tells the server, which tells nothing to its cache otherwise."""
     url = database_url("sqlite", tmp_path)
-    with serve(url, Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0)) as running:
-        tenant = new_tenant(running.base_url)
+    with sqlite_server(url) as (running, tenant):
         api = tenant.sandbox
         hits = Hits(running)
+        feature(api, "api_calls")
+        grant(api, "u1", "api_calls", 10)
+        assert check(api, "u1")["balance"] == 10
+        assert check(api, "u1")["balance"] == 10
+        cached(hits)
+        other = open_database(url)  # a second connection, as a second process would have
         try:
-            feature(api, "api_calls")
-            grant(api, "u1", "api_calls", 10)
-            assert check(api, "u1")["balance"] == 10
-            assert check(api, "u1")["balance"] == 10
-            cached(hits)
-            other = open_database(url)  # a second connection, as a second process would have
-            try:
-                env = other_env(other, tenant.created)
-                with other.transaction() as tx:
-                    ctx = Ctx(tenant.id, env, "sandbox", None, frozenset({"admin"}),
-                              time.time_ns() // 1000, "req_other")
-                    credits.grant(tx, ctx, {"end_user_id": "u1", "feature_key": "api_calls", "amount": 7})
-            finally:
-                other.close()
-            assert check(api, "u1")["balance"] == 17
+            env = other_env(other, tenant.created)
+            with other.transaction() as tx:
+                ctx = Ctx(tenant.id, env, "sandbox", None, frozenset({"admin"}),
+                          time.time_ns() // 1000, "req_other")
+                credits.grant(tx, ctx, {"end_user_id": "u1", "feature_key": "api_calls", "amount": 7})
         finally:
-            tenant.sandbox.close()
-            tenant.live.close()
+            other.close()
+        assert check(api, "u1")["balance"] == 17
 
 
 def grant_directly(db: Any, tenant: Any, end_user_id: str, amount: int) -> None:
@@ -216,39 +225,27 @@ def test_metrics_count_what_the_cache_answered(server: Server, api: Api) -> None
 
 
 def test_the_cache_keeps_at_most_its_size(tmp_path: Path) -> None:
-    with serve(database_url("sqlite", tmp_path),
-               Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0, check_cache_entries=3)) as running:
-        tenant = new_tenant(running.base_url)
+    with sqlite_server(database_url("sqlite", tmp_path), check_cache_entries=3) as (running, tenant):
         api = tenant.sandbox
         cache = running.app.app.state.check_cache
-        try:
-            feature(api, "api_calls")
-            for n in range(6):
-                grant(api, f"u{n}", "api_calls", n + 1)
-            for n in range(6):
-                assert check(api, f"u{n}")["balance"] == n + 1
-                assert len(cache) <= 3
-            assert check(api, "u5")["balance"] == 6  # the newest are kept
-            hits = cache.hits
-            assert check(api, "u5")["balance"] == 6
-            assert cache.hits == hits + 1
-        finally:
-            tenant.sandbox.close()
-            tenant.live.close()
+        feature(api, "api_calls")
+        for n in range(6):
+            grant(api, f"u{n}", "api_calls", n + 1)
+        for n in range(6):
+            assert check(api, f"u{n}")["balance"] == n + 1
+            assert len(cache) <= 3
+        assert check(api, "u5")["balance"] == 6  # the newest are kept
+        hits = cache.hits
+        assert check(api, "u5")["balance"] == 6
+        assert cache.hits == hits + 1
 
 
 def test_without_a_cache_the_check_reads_the_database(tmp_path: Path) -> None:
-    with serve(database_url("sqlite", tmp_path),
-               Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0, check_cache_entries=0)) as running:
+    with sqlite_server(database_url("sqlite", tmp_path), check_cache_entries=0) as (running, tenant):
         assert running.app.app.state.check_cache is None
-        tenant = new_tenant(running.base_url)
-        try:
-            feature(tenant.sandbox, "api_calls")
-            grant(tenant.sandbox, "u1", "api_calls", 3)
-            assert check(tenant.sandbox, "u1")["balance"] == 3
-        finally:
-            tenant.sandbox.close()
-            tenant.live.close()
+        feature(tenant.sandbox, "api_calls")
+        grant(tenant.sandbox, "u1", "api_calls", 3)
+        assert check(tenant.sandbox, "u1")["balance"] == 3
 
 
 def test_two_server_processes_on_one_file_never_serve_a_stale_check(tmp_path: Path) -> None:
@@ -304,31 +301,25 @@ def test_an_answer_that_names_a_reset_is_kept_no_longer_than_that(tmp_path: Path
     """Found by trying to break the cache: a paused subscription (no boundary due) and an
     allowance of 0 with a reset (no window kept) left answers whose ``resets_at`` was kept past
     itself. Each kept answer now ends at the ``resets_at`` it names."""
-    with serve(database_url("sqlite", tmp_path),
-               Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0)) as running:
-        tenant = new_tenant(running.base_url)
+    with sqlite_server(database_url("sqlite", tmp_path)) as (running, tenant):
         api = tenant.sandbox
         cache = running.app.app.state.check_cache
-        try:
-            feature(api, "msgs")
-            feature(api, "zero")
-            minute = {"every": 1, "unit": "minute"}
-            both = variant(api, [{"feature_key": "msgs", "amount": 5, "reset": minute},
-                                 {"feature_key": "zero", "amount": 0, "reset": minute}], key="pro_monthly")
-            zero = variant(api, [{"feature_key": "zero", "amount": 0, "reset": minute}], key="pro_zero")
-            paused = subscribe(api, "p", both["id"])
-            api.ok("POST", f"/v1/subscriptions/{paused['id']}/pause", {})
-            subscribe(api, "z", zero["id"])
-            for user, key in (("p", "msgs"), ("z", "zero")):
-                check(api, user, key)
-                answer = check(api, user, key)  # kept, unless a minute began in between
-                assert answer["resets_at"] is not None
-                (_body, since, until), = cache.kept(user)
-                assert until == instant_us(answer["resets_at"]), (user, answer)  # no sandbox offset
-                assert since < until
-        finally:
-            tenant.sandbox.close()
-            tenant.live.close()
+        feature(api, "msgs")
+        feature(api, "zero")
+        minute = {"every": 1, "unit": "minute"}
+        both = variant(api, [{"feature_key": "msgs", "amount": 5, "reset": minute},
+                             {"feature_key": "zero", "amount": 0, "reset": minute}], key="pro_monthly")
+        zero = variant(api, [{"feature_key": "zero", "amount": 0, "reset": minute}], key="pro_zero")
+        paused = subscribe(api, "p", both["id"])
+        api.ok("POST", f"/v1/subscriptions/{paused['id']}/pause", {})
+        subscribe(api, "z", zero["id"])
+        for user, key in (("p", "msgs"), ("z", "zero")):
+            check(api, user, key)
+            answer = check(api, user, key)  # kept, unless a minute began in between
+            assert answer["resets_at"] is not None
+            (_body, since, until), = cache.kept(user)
+            assert until == instant_us(answer["resets_at"]), (user, answer)  # no sandbox offset
+            assert since < until
 
 
 def instant_us(timestamp: str) -> int:
@@ -410,74 +401,58 @@ def test_a_started_server_answers_first_checks_from_the_answers_it_warmed(tmp_pa
 def test_a_run_warmed_while_a_write_lands_is_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write that commits between warming's read and its keeping: the run is dropped, and the
     next check reads the ledger (the grant of 5 is there)."""
-    with serve(database_url("sqlite", tmp_path), Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0)) as running:
-        tenant = new_tenant(running.base_url)
+    with sqlite_server(database_url("sqlite", tmp_path)) as (running, tenant):
         api = tenant.sandbox
         cache = running.app.app.state.check_cache
-        try:
-            feature(api, "api_calls")
-            grant(api, "u1", "api_calls", 10)
-            grant(api, "u2", "api_calls", 20)
-            read = entitlements.answers
+        feature(api, "api_calls")
+        grant(api, "u1", "api_calls", 10)
+        grant(api, "u2", "api_calls", 20)
+        read = entitlements.answers
 
-            def then_a_grant(*args: Any) -> Any:
-                found = read(*args)
-                # A unit of work of another thread of the process commits meanwhile.
-                writer = threading.Thread(target=grant_directly, args=(running.db, tenant, "u1", 5))
-                writer.start()
-                writer.join()
-                return found
+        def then_a_grant(*args: Any) -> Any:
+            found = read(*args)
+            # A unit of work of another thread of the process commits meanwhile.
+            writer = threading.Thread(target=grant_directly, args=(running.db, tenant, "u1", 5))
+            writer.start()
+            writer.join()
+            return found
 
-            monkeypatch.setattr(entitlements, "answers", then_a_grant)
-            assert running.on_loop(cache.warm()) == 0
-            assert len(cache) == 0
-            monkeypatch.setattr(entitlements, "answers", read)
-            assert check(api, "u1")["balance"] == 15
-            assert running.on_loop(cache.warm()) == 2
-            hits = cache.hits
-            assert (check(api, "u1")["balance"], check(api, "u2")["balance"]) == (15, 20)
-            assert cache.hits == hits + 2
-        finally:
-            tenant.sandbox.close()
-            tenant.live.close()
+        monkeypatch.setattr(entitlements, "answers", then_a_grant)
+        assert running.on_loop(cache.warm()) == 0
+        assert len(cache) == 0
+        monkeypatch.setattr(entitlements, "answers", read)
+        assert check(api, "u1")["balance"] == 15
+        assert running.on_loop(cache.warm()) == 2
+        hits = cache.hits
+        assert (check(api, "u1")["balance"], check(api, "u2")["balance"]) == (15, 20)
+        assert cache.hits == hits + 2
 
 
 def test_warming_fills_the_cache_without_evicting(tmp_path: Path) -> None:
-    with serve(database_url("sqlite", tmp_path),
-               Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0, check_cache_entries=3)) as running:
-        tenant = new_tenant(running.base_url)
+    with sqlite_server(database_url("sqlite", tmp_path), check_cache_entries=3) as (running, tenant):
         api = tenant.sandbox
         cache = running.app.app.state.check_cache
-        try:
-            feature(api, "api_calls")
-            for n in range(6):
-                grant(api, f"u{n}", "api_calls", n + 1)
-            assert check(api, "u5")["balance"] == 6
-            assert running.on_loop(cache.warm()) == 2
-            assert sorted(cache._users) == ["u0", "u1", "u5"]  # the first two in id order; u5 stays
-            hits = cache.hits
-            assert [check(api, u)["balance"] for u in ("u0", "u1", "u5")] == [1, 2, 6]
-            assert cache.hits == hits + 3
-        finally:
-            tenant.sandbox.close()
-            tenant.live.close()
+        feature(api, "api_calls")
+        for n in range(6):
+            grant(api, f"u{n}", "api_calls", n + 1)
+        assert check(api, "u5")["balance"] == 6
+        assert running.on_loop(cache.warm()) == 2
+        assert sorted(cache._users) == ["u0", "u1", "u5"]  # the first two in id order; u5 stays
+        hits = cache.hits
+        assert [check(api, u)["balance"] for u in ("u0", "u1", "u5")] == [1, 2, 6]
+        assert cache.hits == hits + 3
 
 
 def test_no_kept_answer_is_walked_by_the_garbage_collector(tmp_path: Path) -> None:
     """Every full collection walks the objects the collector tracks: the warmed cache's per-end-user
     dicts once halved the check's throughput. They hold only strings and bytes, so it tracks none."""
-    with serve(database_url("sqlite", tmp_path), Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0)) as running:
-        tenant = new_tenant(running.base_url)
+    with sqlite_server(database_url("sqlite", tmp_path)) as (running, tenant):
         api = tenant.sandbox
         cache = running.app.app.state.check_cache
-        try:
-            feature(api, "api_calls")
-            for n in range(3):
-                grant(api, f"u{n}", "api_calls", n + 1)
-            running.on_loop(cache.warm())
-            check(api, "u0", units=2)
-            assert len(cache) == 4
-            assert not any(gc.is_tracked(entries) for entries in cache._users.values())
-        finally:
-            tenant.sandbox.close()
-            tenant.live.close()
+        feature(api, "api_calls")
+        for n in range(3):
+            grant(api, f"u{n}", "api_calls", n + 1)
+        running.on_loop(cache.warm())
+        check(api, "u0", units=2)
+        assert len(cache) == 4
+        assert not any(gc.is_tracked(entries) for entries in cache._users.values())
