@@ -8,6 +8,7 @@ some of its checks, so none of them passes by never caching.
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import httpx
 import pytest
 
 from quotastack.api.app import Settings
-from quotastack.service import credits, entitlements
+from quotastack.service import clock, credits, entitlements
 from quotastack.service.context import Ctx
 from quotastack.store import open_database
 
@@ -456,3 +457,69 @@ def test_no_kept_answer_is_walked_by_the_garbage_collector(tmp_path: Path) -> No
         check(api, "u0", units=2)
         assert len(cache) == 4
         assert not any(gc.is_tracked(entries) for entries in cache._users.values())
+
+
+def test_a_sandbox_clock_moved_while_warming_is_the_clock_the_rest_is_warmed_at(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by trying to break warming: it read each environment's clock once, before its first
+    run, so a sandbox clock advanced meanwhile left the later runs' answers at the old time (an
+    hourly allowance still spent, ``resets_at`` in the sandbox's past) and kept them."""
+    with sqlite_server(database_url("sqlite", tmp_path)) as (running, tenant):
+        api = tenant.sandbox
+        cache = running.app.app.state.check_cache
+        feature(api, "msgs")
+        hourly = variant(api, [{"feature_key": "msgs", "amount": 5, "reset": {"every": 1, "unit": "hour"}}])
+        for user in ("u1", "u2"):
+            subscribe(api, user, hourly["id"])
+            assert use(api, user, "msgs", 5).status == 201
+        read = entitlements.answers
+        runs = []
+
+        def then_the_clock_moves(*args: Any) -> Any:
+            found = read(*args)
+            runs.append(found)
+            if len(runs) == 1:
+                writer = threading.Thread(target=advance_directly, args=(running.db, tenant, 7200))
+                writer.start()
+                writer.join()
+            return found
+
+        monkeypatch.setattr(entitlements, "answers", then_the_clock_moves)
+        assert running.on_loop(cache.warm(run=1)) == 1  # u1's run was read before the move: dropped
+        assert cache.kept("u1") == []
+        (body, _since, _until), = cache.kept("u2")
+        warmed = json.loads(body)
+        assert warmed["balance"] == 5 and warmed["allowed"] is True
+        assert instant(warmed["resets_at"]) > instant(api.ok("GET", "/v1/test_clock")["now"])
+        assert check(api, "u2", "msgs") == warmed
+        assert check(api, "u1", "msgs")["balance"] == 5
+
+
+def advance_directly(db: Any, tenant: Any, seconds: int) -> None:
+    """The sandbox clock of ``tenant`` moved through ``db``, not through the API."""
+    env = other_env(db, tenant.created)
+    with db.transaction() as tx:
+        offset = tx.get("environments", id=env)["clock_offset_us"]
+        ctx = Ctx(tenant.id, env, "sandbox", None, frozenset({"admin"}), time.time_ns() // 1000 + offset, "req_other")
+        clock.advance(tx, ctx, {"seconds": seconds})
+
+
+def test_every_new_answer_counts_against_the_size_not_only_a_new_end_users(tmp_path: Path) -> None:
+    """Found by trying to break the cache: room was made only for a new end user, so the same end
+    user's answers for other features or ``units`` grew the cache past its size without bound."""
+    with sqlite_server(database_url("sqlite", tmp_path), check_cache_entries=3) as (running, tenant):
+        api = tenant.sandbox
+        cache = running.app.app.state.check_cache
+        feature(api, "api_calls")
+        feature(api, "tokens")
+        grant(api, "u1", "api_calls", 10)
+        grant(api, "u2", "tokens", 20)
+        assert check(api, "u2", "tokens")["balance"] == 20
+        for units in ("1", "2", "3", "1.0", "01", "4"):
+            assert check(api, "u1", units=units)["allowed"] is True
+            assert check(api, "u1", "tokens", units=units)["allowed"] is False
+            assert len(cache) <= 3
+        assert "u2" not in cache._users  # the oldest end user made room first
+        hits = cache.hits
+        assert check(api, "u1", "tokens", units="4")["reason"] == "no_entitlement"
+        assert cache.hits == hits + 1

@@ -144,14 +144,16 @@ class CheckCache:
         with self._lock:
             if generation != self.generation or self.max_entries <= 0:
                 return
-            entries = self._users.get(end_user_id)
-            if entries is None:
-                while self._size >= self.max_entries and self._users:
-                    # Oldest end user first (dicts keep insertion order).
-                    self._size -= len(self._users.pop(next(iter(self._users))))
-                entries = self._users[end_user_id] = {}
             key = f"{env_id}\0{feature_key}\0{units}"
-            if key not in entries:
+            entries = self._users.get(end_user_id)
+            if entries is None or key not in entries:
+                # A new entry, whether of a new end user or not: make room, oldest end user first
+                # (dicts keep insertion order), possibly this one.
+                while self._size >= self.max_entries and self._users:
+                    self._size -= len(self._users.pop(next(iter(self._users))))
+                entries = self._users.get(end_user_id)
+                if entries is None:
+                    entries = self._users[end_user_id] = {}
                 self._size += 1
             entries[key] = DATES.pack(real_now_us, FOREVER if until_us is None else until_us) + body
 
@@ -191,14 +193,16 @@ class CheckCache:
                         return kept
                     self._current()
                     generation, real_now = self.generation, now_us()
-                    ctx = Ctx(env["tenant_id"], env["id"], env["kind"], None, frozenset(),
-                              real_now + env["clock_offset_us"], "warm")
                     with self.db.reader() as tx:
+                        # The sandbox clock as it is now: it may have moved since the last run.
+                        offset = tx.get("environments", id=env["id"])["clock_offset_us"]
+                        ctx = Ctx(env["tenant_id"], env["id"], env["kind"], None, frozenset(),
+                                  real_now + offset, "warm")
                         answers, next_after = entitlements.answers(tx, ctx, feature_key, after, room)
                     if generation == self.generation:
                         for end_user_id, result, until in answers:
                             self.put(generation, end_user_id, env["id"], feature_key, "1", dumps(result),
-                                     real_now, None if until is None else until - env["clock_offset_us"])
+                                     real_now, None if until is None else until - offset)
                         kept += len(answers)
                     after = next_after
                     if time.perf_counter() >= deadline:
