@@ -27,7 +27,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 
 from ..service.ports import Row
-from .sql import SqlTx, _to_pyformat
+from .sql import _KEY_PRINCIPAL, SqlTx, _to_pyformat
 
 T = TypeVar("T")
 RETRYABLE = (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation)
@@ -84,6 +84,23 @@ class PgTx(SqlTx):
             self._ahead = ((env_id, key), stored)
         return bool(row["ok"])
 
+    def key_principal_later(self, key_hash: str) -> Callable[[], Row | None]:
+        """Queue ``key_principal`` on a cursor of its own; it travels with the next read.
+
+        At READ COMMITTED the statement sees every change committed before it runs, which is
+        after the unit of work began; its answer is collected when asked for, by then (almost
+        always) without a round trip of its own.
+        """
+        cur = self._cur.connection.cursor()
+        cur.execute(_to_pyformat(_KEY_PRINCIPAL), {"h": key_hash})
+
+        def answer() -> Row | None:
+            try:
+                return cur.fetchone()  # type: ignore[no-any-return]
+            finally:
+                cur.close()
+        return answer
+
     def get(self, table: str, **where: Any) -> Row | None:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and table == "idempotency_keys" and where.keys() == {"env_id", "key"} \
@@ -136,9 +153,30 @@ class PostgresDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[PgTx]:
+        """``BEGIN`` … ``COMMIT``, both queued in the pipeline like any write.
+
+        ``BEGIN`` travels with the unit of work's first read and ``COMMIT`` with its trailing
+        writes. (psycopg's ``conn.transaction()`` in pipeline mode syncs right after ``BEGIN``: a
+        round trip for ``BEGIN`` alone.) A unit of work that raises queues ``ROLLBACK``; if an
+        error of the database aborted the pipeline, the server skips it and the transaction is
+        still open once the pipeline is synced: then psycopg's own ``rollback()`` ends it (and,
+        as after any error, forgets the connection's prepared statements).
+        """
         conn = self._connection()
-        with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
-            yield PgTx(cur, "pyformat")
+        try:
+            with conn.pipeline(), conn.cursor() as cur:
+                cur.execute("BEGIN")
+                try:
+                    yield PgTx(cur, "pyformat")
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+                cur.execute("COMMIT")
+        except BaseException:
+            if not conn.closed and not conn.broken \
+                    and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            raise
 
     @contextmanager
     def reader(self) -> Iterator[PgTx]:

@@ -8,7 +8,7 @@ request.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
@@ -417,11 +417,12 @@ class SqlTx:
         return int(self.scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM api_keys WHERE env_id = :e", {"e": env_id}))
 
     def key_principal(self, key_hash: str) -> Row | None:
-        return self.one(
-            "SELECT k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
-            "FROM api_keys k JOIN environments e ON e.id = k.env_id WHERE k.key_hash = :h",
-            {"h": key_hash},
-        )
+        return self.one(_KEY_PRINCIPAL, {"h": key_hash})
+
+    def key_principal_later(self, key_hash: str) -> Callable[[], Row | None]:
+        """``key_principal``, whose answer is collected later: here it is read at once."""
+        row = self.key_principal(key_hash)
+        return lambda: row
 
     # ---- housekeeping -------------------------------------------------------------------------
 
@@ -520,6 +521,8 @@ _USAGE_STATE = (
     "WHERE f.env_id = :e AND f.key = :k ORDER BY b.seq"
 )
 
+_KEY_PRINCIPAL = ("SELECT k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
+                  "FROM api_keys k JOIN environments e ON e.id = k.env_id WHERE k.key_hash = :h")
 
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 
