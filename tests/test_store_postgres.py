@@ -100,6 +100,39 @@ def test_a_domain_error_in_a_savepoint_keeps_the_rest_of_the_transaction(pg: obj
     assert rows(pg, table) == [1, 21]
 
 
+def test_a_unit_of_work_that_raises_is_rolled_back_and_its_connection_left_idle(pg: object) -> None:
+    """BEGIN and COMMIT are queued in the pipeline; an exception of the unit of work queues ROLLBACK."""
+    table = pg.table  # type: ignore[attr-defined]
+    with pytest.raises(LookupError):
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            tx.execute(f"INSERT INTO {table} VALUES (30)")
+            assert tx.one("SELECT 1 AS one") == {"one": 1}  # BEGIN and the insert went with this read
+            raise LookupError("refused")
+    assert rows(pg, table) == [1]
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        tx.execute(f"INSERT INTO {table} VALUES (31)")
+    assert rows(pg, table) == [1, 31]
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        status = tx.one("SELECT 1 AS one")
+        assert status == {"one": 1}
+
+
+def test_a_failed_commit_leaves_the_connection_usable(pg: object) -> None:
+    """A deferred constraint fails at COMMIT itself: the transaction ends, nothing of it remains."""
+    table = pg.table  # type: ignore[attr-defined]
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        tx.execute(f"CREATE TABLE {table}_d (id INT PRIMARY KEY DEFERRABLE INITIALLY DEFERRED)")
+    try:
+        with pytest.raises(errors.UniqueViolation):
+            with pg.transaction() as tx:  # type: ignore[attr-defined]
+                tx.execute(f"INSERT INTO {table}_d VALUES (1)")
+                tx.execute(f"INSERT INTO {table}_d VALUES (1)")
+        assert rows(pg, f"{table}_d") == []
+    finally:
+        with pg.reader() as tx:  # type: ignore[attr-defined]
+            tx.execute(f"DROP TABLE {table}_d")
+
+
 def in_turn(pg: object, holder: Callable[[Any], None], waiter: Callable[[Any], None]) -> list[str]:
     """``holder`` in a transaction that then holds its locks 0.3 s, ``waiter`` in another started
     meanwhile: the order in which they got past their locks."""
