@@ -133,6 +133,32 @@ def test_a_failed_commit_leaves_the_connection_usable(pg: object) -> None:
             tx.execute(f"DROP TABLE {table}_d")
 
 
+def test_every_wait_for_an_answer_sends_what_the_cork_holds(pg: object) -> None:
+    """Statements queued under TCP_CORK leave before each read, claim and commit waits for its answer.
+
+    A wait that forgot to take the cork off would still end, but only after the kernel's 200 ms:
+    30 of them would take 6 s. Afterwards the connection's socket is left uncorked.
+    """
+    import socket
+
+    table = pg.table  # type: ignore[attr-defined]
+    started = time.monotonic()
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        later = tx.key_principal_later("no such key")
+        for i in range(10):
+            tx.execute(f"INSERT INTO {table} VALUES ({100 + i})")
+            assert tx.one(f"SELECT COUNT(*) AS n FROM {table}") == {"n": i + 2}
+            assert len(tx.all(f"SELECT id FROM {table}")) == i + 2
+            assert tx.try_lock_key(random.randrange(10**12, 10**13), f"key-{i}") is True
+        assert later() is None
+        tx.execute(f"DELETE FROM {table} WHERE id >= 100")
+    assert time.monotonic() - started < 2.0
+    assert rows(pg, table) == [1]
+    cork = pg._local.cork  # type: ignore[attr-defined]
+    if cork._sock is not None:
+        assert cork._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+
+
 def in_turn(pg: object, holder: Callable[[Any], None], waiter: Callable[[Any], None]) -> list[str]:
     """``holder`` in a transaction that then holds its locks 0.3 s, ``waiter`` in another started
     meanwhile: the order in which they got past their locks."""

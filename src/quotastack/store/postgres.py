@@ -14,7 +14,9 @@ Several API processes may share one database. Correctness comes from three thing
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -37,6 +39,43 @@ MAX_ATTEMPTS = 8
 PREPARED_MAX = 512
 
 
+class Cork:
+    """Holds a connection's queued statements in the kernel until the unit of work waits for an answer.
+
+    psycopg's pipeline sends every statement as soon as it is queued: one TCP segment each, and
+    on loopback each segment wakes the backend to read it. With ``TCP_CORK`` set on the
+    connection's socket while a unit of work queues, the kernel holds them, and they leave as
+    one segment when the cork comes off: before every read's wait (``PgTx``) and before the
+    commit's. The backend then reads a round trip's statements at once. Where there is no
+    ``TCP_CORK`` (another system, a Unix socket) this does nothing.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._sock: socket.socket | None = None
+        option = getattr(socket, "TCP_CORK", None)
+        if option is None:
+            return
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))  # the same socket, under a second fd
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            sock.close()
+            return
+        self._sock, self._option = sock, option
+
+    def on(self) -> None:
+        if self._sock is not None:
+            self._sock.setsockopt(socket.IPPROTO_TCP, self._option, 1)
+
+    def off(self) -> None:
+        """Send what is held, now."""
+        if self._sock is not None:
+            self._sock.setsockopt(socket.IPPROTO_TCP, self._option, 0)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 class PgTx(SqlTx):
     # Code-point order, as Python sorts ids (``advance_due``, the sweep): one lock order for all.
     _LOCK_IN_ORDER = ' ORDER BY end_user_id COLLATE "C" FOR UPDATE'
@@ -49,6 +88,36 @@ class PgTx(SqlTx):
     # on the same row (the sweep and batches), so every path that changes an end user's balances
     # still takes one lock per end user.
     _ON_EXISTING_END_USER = "DO UPDATE SET created_at_us = end_users.created_at_us"
+
+    def __init__(self, cursor: Any, paramstyle: str = "named", cork: Cork | None = None) -> None:
+        super().__init__(cursor, paramstyle)
+        self._cork = cork
+
+    @contextmanager
+    def _answer(self) -> Iterator[None]:
+        """Around waiting for an answer: what is held goes out first (see ``Cork``)."""
+        if self._cork is None:
+            yield
+            return
+        self._cork.off()
+        try:
+            yield
+        finally:
+            self._cork.on()
+
+    def all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+        cur = self.execute(sql, params)
+        with self._answer():
+            return list(cur.fetchall())
+
+    def one(self, sql: str, params: Mapping[str, Any] | None = None) -> Row | None:
+        cur = self.execute(sql, params)
+        with self._answer():
+            return cur.fetchone()  # type: ignore[no-any-return]
+
+    def scalar(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        row = self.one(sql, params)
+        return None if row is None else next(iter(row.values()))
 
     def delete_idempotency_older_than(self, cutoff_us: int) -> int:
         # Counted by a read: in pipeline mode a cursor's rowcount is not known until later.
@@ -77,9 +146,10 @@ class PgTx(SqlTx):
         with claim.connection.cursor() as ahead:
             ahead.execute(_to_pyformat("SELECT * FROM idempotency_keys WHERE env_id = :e AND key = :k"),
                           {"e": env_id, "k": key})
-            row = claim.fetchone()  # one round trip for both: the pipeline sends them together
-            assert row is not None
-            stored = ahead.fetchone()
+            with self._answer():
+                row = claim.fetchone()  # one round trip for both: the pipeline sends them together
+                assert row is not None
+                stored = ahead.fetchone()
         if row["ok"]:
             self._ahead = ((env_id, key), stored)
         return bool(row["ok"])
@@ -96,7 +166,8 @@ class PgTx(SqlTx):
 
         def answer() -> Row | None:
             try:
-                return cur.fetchone()  # type: ignore[no-any-return]
+                with self._answer():
+                    return cur.fetchone()  # type: ignore[no-any-return]
             finally:
                 cur.close()
         return answer
@@ -125,6 +196,7 @@ class PostgresDatabase:
         self.url = url
         self._local = threading.local()
         self._all: list[psycopg.Connection[Any]] = []
+        self._corks: dict[int, Cork] = {}  # by id() of the connection in ``_all`` it belongs to
         self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="quotastack-db")
 
@@ -140,15 +212,20 @@ class PostgresDatabase:
         conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row)
         conn.prepared_max = PREPARED_MAX
         self._local.conn = conn
+        self._local.cork = cork = Cork(conn)
         with self._lock:
             self._all.append(conn)
+            self._corks[id(conn)] = cork
         return conn
 
     def _forget(self, conn: psycopg.Connection[Any]) -> None:
         with self._lock:
             if conn in self._all:
                 self._all.remove(conn)
+            cork = self._corks.pop(id(conn), None)
         conn.close()
+        if cork is not None:
+            cork.close()
         self._local.conn = None
 
     @contextmanager
@@ -163,15 +240,20 @@ class PostgresDatabase:
         as after any error, forgets the connection's prepared statements).
         """
         conn = self._connection()
+        cork: Cork = self._local.cork
         try:
             with conn.pipeline(), conn.cursor() as cur:
-                cur.execute("BEGIN")
+                cork.on()
                 try:
-                    yield PgTx(cur, "pyformat")
-                except BaseException:
-                    cur.execute("ROLLBACK")
-                    raise
-                cur.execute("COMMIT")
+                    cur.execute("BEGIN")
+                    try:
+                        yield PgTx(cur, "pyformat", cork)
+                    except BaseException:
+                        cur.execute("ROLLBACK")
+                        raise
+                    cur.execute("COMMIT")
+                finally:
+                    cork.off()  # before the pipeline's end waits for the commit's answer
         except BaseException:
             if not conn.closed and not conn.broken \
                     and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -220,4 +302,7 @@ class PostgresDatabase:
             for conn in self._all:
                 conn.close()
             self._all.clear()
+            for cork in self._corks.values():
+                cork.close()
+            self._corks.clear()
         self._local = threading.local()
