@@ -159,6 +159,54 @@ def test_every_wait_for_an_answer_sends_what_the_cork_holds(pg: object) -> None:
         assert cork._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
 
 
+@pytest.fixture
+def pairs(pg: object) -> Iterator[str]:
+    """A scratch table of (id, v) rows for the held writes' tests."""
+    table = f"{pg.table}_v"  # type: ignore[attr-defined]
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        tx.execute(f"CREATE TABLE {table} (id INT PRIMARY KEY, v INT NOT NULL)")
+    yield table
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        tx.execute(f"DROP TABLE {table}")
+
+
+def values(pg: object, table: str) -> list[tuple[int, int]]:
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        return [(row["id"], row["v"]) for row in tx.all(f"SELECT id, v FROM {table} ORDER BY id")]
+
+
+def test_held_writes_are_seen_by_the_next_read_and_applied_in_order(pg: object, pairs: str) -> None:
+    """Inserts and updates are held and sent as one statement; what would differ in one is split."""
+    table = pg.table  # type: ignore[attr-defined]
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        tx.insert(pairs, {"id": 1, "v": 10})
+        tx.insert(pairs, {"id": 2, "v": 20})
+        tx.insert(table, {"id": 40})
+        tx.update(pairs, {"id": 1}, {"v": 11})  # sees the row inserted just before
+        tx.update(pairs, {"id": 1}, {"v": 12})  # the same row again: the later value stays
+        tx.update(table, {"id": 40}, {"id": 41})
+        assert tx.all(f"SELECT id, v FROM {pairs} ORDER BY id") == [{"id": 1, "v": 12}, {"id": 2, "v": 20}]
+        tx.update(pairs, {"id": 2}, {"v": 21})
+        tx.insert(pairs, {"id": 3, "v": 30})
+    assert values(pg, pairs) == [(1, 12), (2, 21), (3, 30)]
+    assert rows(pg, table) == [1, 41]
+
+
+def test_a_failing_part_of_held_writes_raises_its_own_error_and_nothing_remains(pg: object, pairs: str) -> None:
+    table = pg.table  # type: ignore[attr-defined]
+    with pytest.raises(errors.UniqueViolation):
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            tx.insert(pairs, {"id": 5, "v": 50})
+            tx.insert(table, {"id": 1})  # the duplicate, in the middle of one statement
+            tx.insert(pairs, {"id": 6, "v": 60})
+    assert values(pg, pairs) == [] and rows(pg, table) == [1]
+    with pytest.raises(LookupError):
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            tx.insert(pairs, {"id": 7, "v": 70})
+            raise LookupError("refused before anything was sent")
+    assert values(pg, pairs) == []
+
+
 def in_turn(pg: object, holder: Callable[[Any], None], waiter: Callable[[Any], None]) -> list[str]:
     """``holder`` in a transaction that then holds its locks 0.3 s, ``waiter`` in another started
     meanwhile: the order in which they got past their locks."""

@@ -19,9 +19,10 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import psycopg
@@ -92,6 +93,47 @@ class PgTx(SqlTx):
     def __init__(self, cursor: Any, paramstyle: str = "named", cork: Cork | None = None) -> None:
         super().__init__(cursor, paramstyle)
         self._cork = cork
+        # Inserts and updates not sent yet: (kind, table, value columns, where columns, values).
+        self._held: list[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[Any, ...]]] = []
+
+    # ---- writes held back, sent as one statement ---------------------------------------------
+    #
+    # Consecutive ``insert`` and ``update`` calls are held and sent as one statement (data-
+    # modifying ``WITH`` parts, see ``_held_sql``) just before the next statement of any other
+    # kind, or the commit: a usage's block update and its three inserts are one statement, not
+    # four. The parts of one statement all run on the snapshot taken before it, so none sees
+    # another's rows: an update of a table already written by a held part is sent only after
+    # those (``update``); inserts only add rows, which no other held part looks at.
+
+    def insert(self, table: str, row: Mapping[str, Any]) -> None:
+        self._wrote(table, (row,))
+        self._ahead = None
+        self._held.append(("insert", table, tuple(row), (), tuple(row.values())))
+
+    def update(self, table: str, where: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+        if any(held[1] == table for held in self._held):
+            self.send_held()
+        self._wrote(table)
+        self._ahead = None
+        self._held.append(("update", table, tuple(values), tuple(where),
+                           tuple(values.values()) + tuple(where.values())))
+
+    def send_held(self) -> None:
+        """Queue the held writes, as one statement, ahead of anything sent after them."""
+        held = self._held
+        if not held:
+            return
+        self._held = []
+        sql = _held_sql(tuple((kind, table, cols, where) for kind, table, cols, where, _ in held))
+        self._cur.execute(sql, [value for *_, values in held for value in values])
+
+    def insert_many(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.send_held()
+        super().insert_many(table, rows)
+
+    def set_remaining(self, pairs: Sequence[tuple[str, int]]) -> None:
+        self.send_held()
+        super().set_remaining(pairs)
 
     @contextmanager
     def _answer(self) -> Iterator[None]:
@@ -128,6 +170,7 @@ class PgTx(SqlTx):
     _ahead: tuple[tuple[int, str], Row | None] | None = None
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        self.send_held()
         self._ahead = None  # anything else done in between makes the read-ahead stale
         return super().execute(sql, params)
 
@@ -161,11 +204,14 @@ class PgTx(SqlTx):
         after the unit of work began; its answer is collected when asked for, by then (almost
         always) without a round trip of its own.
         """
+        self.send_held()
         cur = self._cur.connection.cursor()
         cur.execute(_to_pyformat(_KEY_PRINCIPAL), {"h": key_hash})
 
         def answer() -> Row | None:
             try:
+                if cur.pgresult is not None:  # it came back with an earlier read: nothing to wait for
+                    return cur.fetchone()  # type: ignore[no-any-return]
                 with self._answer():
                     return cur.fetchone()  # type: ignore[no-any-return]
             finally:
@@ -178,6 +224,24 @@ class PgTx(SqlTx):
                 and ahead[0] == (where["env_id"], where["key"]):
             return ahead[1]
         return super().get(table, **where)
+
+
+@lru_cache(maxsize=512)
+def _held_sql(shape: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]) -> str:
+    """One statement for held writes of this shape: ``WITH w0 AS (…), w1 AS (…) <the last>``.
+
+    Placeholders are positional, in the order of the parts and of each part's columns.
+    """
+    parts = []
+    for kind, table, cols, where in shape:
+        if kind == "insert":
+            parts.append(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})")
+        else:
+            parts.append(f"UPDATE {table} SET {', '.join(f'{c} = %s' for c in cols)} "
+                         f"WHERE {' AND '.join(f'{c} = %s' for c in where)}")
+    if len(parts) == 1:
+        return parts[0]
+    return "WITH " + ", ".join(f"w{i} AS ({part})" for i, part in enumerate(parts[:-1])) + " " + parts[-1]
 
 
 class PostgresDatabase:
@@ -246,11 +310,13 @@ class PostgresDatabase:
                 cork.on()
                 try:
                     cur.execute("BEGIN")
+                    tx = PgTx(cur, "pyformat", cork)
                     try:
-                        yield PgTx(cur, "pyformat", cork)
+                        yield tx
                     except BaseException:
-                        cur.execute("ROLLBACK")
+                        cur.execute("ROLLBACK")  # what it held back is dropped unsent
                         raise
+                    tx.send_held()
                     cur.execute("COMMIT")
                 finally:
                     cork.off()  # before the pipeline's end waits for the commit's answer
