@@ -251,6 +251,28 @@ def test_lock_end_user_creates_the_end_user_once_and_serialises_writers(pg: obje
     assert [row["created_at_us"] for row in found] == [1]
 
 
+def test_lock_end_user_on_an_existing_end_user_writes_no_row_version_and_still_serialises(pg: object) -> None:
+    env_id, user = random.randrange(10**12, 10**13), "existing"
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        tx.lock_end_user(env_id, user, 1)
+
+    def version() -> Any:
+        with pg.reader() as tx:  # type: ignore[attr-defined]
+            return tx.one("SELECT xmin::text AS v, created_at_us FROM end_users WHERE env_id = :e AND end_user_id = :u",
+                          {"e": env_id, "u": user})
+
+    before = version()
+
+    def lock(now_us: int) -> Callable[[Any], None]:
+        def run(tx: Any) -> None:
+            tx.lock_end_user(env_id, user, now_us)
+            tx.live_subscription(env_id, user)
+        return run
+
+    assert in_turn(pg, lock(2), lock(3)) == ["holder", "waiter"]
+    assert version() == before  # locked twice since, never rewritten
+
+
 def test_a_broken_connection_is_replaced(pg: object) -> None:
     with pg.reader() as tx:  # type: ignore[attr-defined]
         pid = tx.one("SELECT pg_backend_pid() AS pid")["pid"]  # type: ignore[index]

@@ -81,14 +81,16 @@ class PgTx(SqlTx):
     # Code-point order, as Python sorts ids (``advance_due``, the sweep): one lock order for all.
     _LOCK_IN_ORDER = ' ORDER BY end_user_id COLLATE "C" FOR UPDATE'
 
-    # ``lock_end_user`` on PostgreSQL: an upsert whose update changes nothing still locks the
-    # existing row like an ``UPDATE`` (waiting for any other holder, then seeing its committed
-    # row), and on first mention the inserted row is locked as new: create and lock in one
-    # statement. It returns nothing to wait for, so in pipeline mode it goes to the server with
-    # the next read, which runs after the lock is held. It conflicts with ``SELECT … FOR UPDATE``
-    # on the same row (the sweep and batches), so every path that changes an end user's balances
-    # still takes one lock per end user.
-    _ON_EXISTING_END_USER = "DO UPDATE SET created_at_us = end_users.created_at_us"
+    # ``lock_end_user`` on PostgreSQL: an upsert whose ``DO UPDATE`` has a ``WHERE`` that is never
+    # true locks the existing row as its update would (``FOR NO KEY UPDATE``: waiting for any
+    # other holder, then seeing its committed row) and writes nothing to it, and on first mention
+    # the inserted row is locked as new: create and lock in one statement. (Without the ``WHERE``
+    # every lock wrote a new row version; with it, waiters queue on the tuple's lock.) It
+    # returns nothing to wait for, so in pipeline mode it goes to the server with the next read,
+    # which runs after the lock is held. It conflicts with ``SELECT … FOR UPDATE`` on the same row
+    # (the sweep and batches), so every path that changes an end user's balances still takes one
+    # lock per end user.
+    _ON_EXISTING_END_USER = "DO UPDATE SET created_at_us = end_users.created_at_us WHERE false"
 
     def __init__(self, cursor: Any, paramstyle: str = "named", cork: Cork | None = None) -> None:
         super().__init__(cursor, paramstyle)
