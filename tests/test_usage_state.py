@@ -65,7 +65,7 @@ def test_usage_state_of_an_end_user_with_nothing_yet(server: Server, api: Api) -
     assert head is not None and blocks == [] and separate["blocks"] == []
     assert head["s_id"] is None and head["default_plan"] == 0
     assert head["eo_variant_id"] is None and head["ep_variant_id"] is None
-    assert head["held_reserved"] is None and head["held_first_expiry_us"] is None
+    assert head["held_reserved"] == 0 and head["held_first_expiry_us"] is None
     variant(api, [{"feature_key": "tokens", "amount": 10}], plan="free", default=True)
     head, _, separate = state(server, api, "nobody", "tokens")
     assert head["default_plan"] == 1 and separate["default"] is not None

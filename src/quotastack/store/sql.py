@@ -488,8 +488,9 @@ _CHECK_SNAPSHOT = _SNAPSHOT.format(env="k.env_id", t=_CHECK_T) + _CHECK_FROM
 _CHECK_SNAPSHOT_HORIZON = _SNAPSHOT.format(env="k.env_id", t=_CHECK_T) + _HORIZON + _CHECK_FROM
 
 # ``usage_state``: one row per live block of the charged feature (one with NULL block columns when
-# there is none), each with the same head. The held reservations are grouped per charged feature
-# of the end user in a derived table, so they are read once, not once per block.
+# there is none), each with the same head. What held reservations hold is two scalar subqueries
+# (evaluated per row, and an end user has a handful of live blocks): a grouped derived table
+# joined instead cost SQLite a temporary index on every call.
 _FEATURE_COLUMNS = ("key", "type", "precision", "unit", "credit_pool", "credits_per_unit")
 _ENTITLEMENT_COLUMNS = ("variant_id", "feature_key", "position", "amount", "enabled", "unlimited", "priority",
                         "max_balance", "overage", "reset", "rollover", "pricing")
@@ -505,17 +506,16 @@ _USAGE_STATE = (
     "WHERE p.env_id = :e AND p.is_default = :yes) THEN 1 ELSE 0 END AS default_plan, "
     + ", ".join(f"eo.{c} AS eo_{c}" for c in _ENTITLEMENT_COLUMNS) + ", "
     + ", ".join(f"ep.{c} AS ep_{c}" for c in _ENTITLEMENT_COLUMNS) + ", "
-    "held.reserved AS held_reserved, held.first_expiry_us AS held_first_expiry_us, b.* "
+    "(SELECT COALESCE(SUM(h.amount), 0) FROM reservations r JOIN reservation_holds h ON h.reservation_id = r.id "
+    "WHERE r.env_id = :e AND r.end_user_id = :u AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) "
+    "AND r.status = 'held') AS held_reserved, "
+    "(SELECT MIN(r.expires_at_us + 0) FROM reservations r WHERE r.env_id = :e AND r.end_user_id = :u "
+    "AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) AND r.status = 'held') AS held_first_expiry_us, b.* "
     "FROM features f "
     "LEFT JOIN features pf ON pf.env_id = f.env_id AND pf.key = f.credit_pool "
     "LEFT JOIN subscriptions s ON s.env_id = f.env_id AND s.end_user_id = :u AND s.live = :yes "
     "LEFT JOIN variant_entitlements eo ON eo.variant_id = s.variant_id AND eo.feature_key = f.key "
     "LEFT JOIN variant_entitlements ep ON ep.variant_id = s.variant_id AND ep.feature_key = f.credit_pool "
-    "LEFT JOIN (SELECT r.charged_feature_key AS feature_key, COALESCE(SUM(h.amount), 0) AS reserved, "
-    "MIN(r.expires_at_us) AS first_expiry_us FROM reservations r "
-    "LEFT JOIN reservation_holds h ON h.reservation_id = r.id "
-    "WHERE r.env_id = :e AND r.end_user_id = :u AND r.status = 'held' GROUP BY r.charged_feature_key) held "
-    "ON held.feature_key = COALESCE(f.credit_pool, f.key) "
     "LEFT JOIN blocks b ON b.env_id = f.env_id AND b.end_user_id = :u "
     "AND b.feature_key = COALESCE(f.credit_pool, f.key) AND b.status IN ('active', 'scheduled', 'frozen') "
     "WHERE f.env_id = :e AND f.key = :k ORDER BY b.seq"
