@@ -202,7 +202,8 @@ class Pinning:
 class Server:
     """One server process: the real service on a DB file, or the bare ceiling app."""
 
-    def __init__(self, kind: str, pin: Pinning, workdir: Path, db: Path | None = None) -> None:
+    def __init__(self, kind: str, pin: Pinning, workdir: Path, db: Path | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.kind, self.port = kind, free_port()
         self.base = f"http://{HOST}:{self.port}"
         self.log = workdir / f"server-{kind}-{self.port}.log"
@@ -212,6 +213,7 @@ class Server:
             assert db is not None
             env.update(QUOTASTACK_DATABASE_URL=f"sqlite:///{db}", QUOTASTACK_OPERATOR_KEY=self.operator_key)
             env.pop("QUOTASTACK_RATE_LIMIT_PER_SECOND", None)
+            env.update(extra_env or {})
             cmd = [str(VENV_BIN / "quotastack"), "serve", "--host", HOST, "--port", str(self.port),
                    "--log-level", "warning"]
             ready = "/healthz"
@@ -489,6 +491,12 @@ SCENARIOS = [  # (id, label, server, mode, clients)
     ("usage_big_c64", "usage, big ledger", "big", "usage", 64),
     ("check_small_c1", "check, ledger / 10", "small", "check", 1),
     ("check_small_c64", "check, ledger / 10", "small", "check", 64),
+    # The same checks on servers that keep nothing (QUOTASTACK_CHECK_CACHE_ENTRIES=0): every check
+    # reads the ledger, the path whose time could depend on its size.
+    ("read_big_c1", "check, nothing kept, big ledger", "big_read", "check", 1),
+    ("read_big_c64", "check, nothing kept, big ledger", "big_read", "check", 64),
+    ("read_small_c1", "check, nothing kept, ledger / 10", "small_read", "check", 1),
+    ("read_small_c64", "check, nothing kept, ledger / 10", "small_read", "check", 64),
     ("ceiling_c1", "bare ASGI ceiling", "ceiling", "ceiling", 1),
     ("ceiling_c64", "bare ASGI ceiling", "ceiling", "ceiling", 64),
 ]
@@ -538,7 +546,7 @@ def cache_lookups(server: "Server") -> tuple[float, float] | None:
 def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[str, Any]]], pin: Pinning,
             load: LoadGen, workdir: Path) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
-    for which in ("big", "small", "ceiling"):
+    for which in ("big", "small", "big_read", "small_read", "ceiling"):
         if cfg.max_wait_quiet > 0:
             wait_for_quiet(cfg.max_wait_quiet)
         if which == "ceiling":
@@ -546,9 +554,11 @@ def one_run(run: int, cfg: argparse.Namespace, dbs: dict[str, tuple[Path, dict[s
             server = Server("ceiling", pin, workdir)
             meta = {"users": dbs["big"][1]["users"], "api_key": dbs["big"][1]["api_key"], "feature_key": "x"}
         else:
-            src, meta = dbs[which]
+            db_name = which.removesuffix("_read")
+            src, meta = dbs[db_name]
             copy = fresh_copy(src, workdir, which)
-            server = Server("service", pin, workdir, copy)
+            server = Server("service", pin, workdir, copy,
+                            {"QUOTASTACK_CHECK_CACHE_ENTRIES": "0"} if which.endswith("_read") else {})
             sanity_check(server, meta, copy)
         try:
             warm_mode = "ceiling" if which == "ceiling" else "check"
@@ -618,7 +628,8 @@ def ratios(med: dict[str, dict[str, Any]]) -> dict[str, Any]:
     def div(a: float, b: float) -> float | None:
         return round(a / b, 3) if b else None
 
-    st_p99_worst = max(med[s]["server_timing_ms"]["p99"] for s in ("check_big_c1", "check_big_c64"))
+    st_p99_worst = max(med[s]["server_timing_ms"]["p99"]
+                       for s in ("check_big_c1", "check_big_c64", "read_big_c1", "read_big_c64") if s in med)
     out: dict[str, Any] = {
         "check_st_p99_ms_worst": st_p99_worst,
         "check_st_p99_target_ms": TARGET_ST_P99_MS,
@@ -629,11 +640,16 @@ def ratios(med: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for p in ("p50", "p99"):
             out[f"st_{p}_big_over_small_c{c}"] = div(med[f"check_big_c{c}"]["server_timing_ms"][p],
                                                     med[f"check_small_c{c}"]["server_timing_ms"][p])
+            out[f"read_st_{p}_big_over_small_c{c}"] = div(med[f"read_big_c{c}"]["server_timing_ms"][p],
+                                                         med[f"read_small_c{c}"]["server_timing_ms"][p])
     if "check_active_c64" in med:
         out["check_active_over_ceiling_c64"] = div(med["check_active_c64"]["rps"], med["ceiling_c64"]["rps"])
     out["check_over_ceiling_target"] = TARGET_CEILING_RATIO
     out["check_over_ceiling_ok"] = (out["check_over_ceiling_c64"] or 0) >= TARGET_CEILING_RATIO
-    growth = [out[f"st_{p}_big_over_small_c{c}"] or 0 for p in ("p50", "p99") for c in (1, 64)]
+    # Judged where the ledger is read: a kept answer's time is a dictionary lookup (~8 µs at p50,
+    # where Server-Timing's 1 µs resolution alone is a 12 % step, and its p99 is the event loop's
+    # own noise); its ratios are printed beside.
+    growth = [out[f"read_st_{p}_big_over_small_c{c}"] or 0 for p in ("p50", "p99") for c in (1, 64)]
     out["growth_target"] = TARGET_GROWTH_RATIO
     out["growth_ok"] = max(growth) <= TARGET_GROWTH_RATIO
     return out
@@ -654,7 +670,8 @@ def print_table(med: dict[str, dict[str, Any]], rat: dict[str, Any], sizes: dict
         if sid not in med:
             continue
         m = med[sid]
-        full = f"{label} ({names[srv]})" if srv in names else label
+        db_name = srv.removesuffix("_read")
+        full = f"{label} ({names[db_name]})" if db_name in names else label
         print(f"{full:40} {clients:>7} {m['rps']:>9,.0f} {m['latency_ms']['p50']:>9.3f} {m['latency_ms']['p99']:>9.3f} "
               f"{m['server_timing_ms']['p50']:>8.3f} {m['server_timing_ms']['p99']:>8.3f} "
               f"{m['server_cpu_pct']:>6.0f}% {m['client_cpu_pct']:>6.0f}% {m['server_runq_wait_pct']:>7.1f}% "
@@ -672,7 +689,7 @@ def print_table(med: dict[str, dict[str, Any]], rat: dict[str, Any], sizes: dict
               f"{STEAL_PCT:.0f} %; their figures\nunderstate the service. Rerun on a quiet machine.")
         print()
     print("Targets")
-    print(f"  check Server-Timing p99 < {TARGET_ST_P99_MS} ms (big ledger, worst of 1/64 clients): "
+    print(f"  check Server-Timing p99 < {TARGET_ST_P99_MS} ms (big ledger, worst of 1/64 clients, kept or read): "
           f"{rat['check_st_p99_ms_worst']:.3f} ms  -> {ok(rat['check_st_p99_ok'])}")
     print(f"  check throughput / bare ceiling >= {TARGET_CEILING_RATIO} (64 clients): "
           f"{rat['check_over_ceiling_c64']}  (1 client: {rat['check_over_ceiling_c1']})  "
@@ -680,9 +697,11 @@ def print_table(med: dict[str, dict[str, Any]], rat: dict[str, Any], sizes: dict
     if rat.get("check_active_over_ceiling_c64") is not None:
         print(f"    (checks spread over 1,000 active end users, 64 clients: {rat['check_active_over_ceiling_c64']})")
     print(f"  check time unchanged when the ledger grows 10x ({names['small']} -> {names['big']}), "
-          f"ratio <= {TARGET_GROWTH_RATIO}: ST p50 {rat['st_p50_big_over_small_c1']} / "
-          f"{rat['st_p50_big_over_small_c64']}, ST p99 {rat['st_p99_big_over_small_c1']} / "
-          f"{rat['st_p99_big_over_small_c64']} (1 / 64 clients)  -> {ok(rat['growth_ok'])}")
+          f"ratio <= {TARGET_GROWTH_RATIO}, checks that read the ledger: ST p50 {rat['read_st_p50_big_over_small_c1']} / "
+          f"{rat['read_st_p50_big_over_small_c64']}, ST p99 {rat['read_st_p99_big_over_small_c1']} / "
+          f"{rat['read_st_p99_big_over_small_c64']} (1 / 64 clients)  -> {ok(rat['growth_ok'])}")
+    print(f"    (kept answers: ST p50 {rat['st_p50_big_over_small_c1']} / {rat['st_p50_big_over_small_c64']}, "
+          f"ST p99 {rat['st_p99_big_over_small_c1']} / {rat['st_p99_big_over_small_c64']})")
 
 
 def git_state() -> dict[str, Any]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 
@@ -18,6 +19,7 @@ from quotastack.api.app import Settings
 from quotastack.store import open_database
 
 OPERATOR_KEY = "test-operator-key"
+T = TypeVar("T")
 
 
 @dataclass
@@ -25,6 +27,19 @@ class Running:
     base_url: str
     app: Any
     db: Any
+    loop: asyncio.AbstractEventLoop  # the server's event loop, for running work on it
+
+    def on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the server's event loop, among its requests, and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
+
+
+class _Server(uvicorn.Server):
+    loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
 
 def engines() -> list[str]:
@@ -48,7 +63,7 @@ def serve(db_url: str, settings: Settings | None = None) -> Iterator[Running]:
     db = open_database(db_url)
     app = create_app(db, settings or Settings(operator_key=OPERATOR_KEY))
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
+    server = _Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -58,7 +73,8 @@ def serve(db_url: str, settings: Settings | None = None) -> Iterator[Running]:
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield Running(f"http://127.0.0.1:{port}", app, db)
+        assert server.loop is not None
+        yield Running(f"http://127.0.0.1:{port}", app, db, server.loop)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

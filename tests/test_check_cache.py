@@ -7,8 +7,12 @@ some of its checks, so none of them passes by never caching.
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,14 +21,14 @@ import httpx
 import pytest
 
 from quotastack.api.app import Settings
-from quotastack.service import credits
+from quotastack.service import credits, entitlements
 from quotastack.service.context import Ctx
 from quotastack.store import open_database
 
-from .conftest import Api, Server, assert_error, feature, grant, instant, new_tenant, rfc3339, subscribe, use, variant
+from .conftest import Api, Server, Tenant, assert_error, feature, grant, instant, new_tenant, rfc3339, subscribe, use, variant
 from .processes import ServerProcess
 from .processes import new_tenant as new_process_tenant
-from .serving import OPERATOR_KEY, database_url, serve
+from .serving import OPERATOR_KEY, Running, database_url, serve
 
 
 def check(api: Api, end_user_id: str, feature_key: str = "api_calls", **params: Any) -> dict[str, Any]:
@@ -54,6 +58,18 @@ def cached(hits: Hits) -> None:
 @pytest.fixture
 def hits(server: Server) -> Hits:
     return Hits(server)
+
+
+@contextmanager
+def sqlite_server(url: str, **settings: Any) -> Iterator[tuple[Running, Tenant]]:
+    """A server (no sweep) on the SQLite file at ``url``, and a new tenant in it; closed after."""
+    with serve(url, Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0, **settings)) as running:
+        tenant = new_tenant(running.base_url)
+        try:
+            yield running, tenant
+        finally:
+            tenant.sandbox.close()
+            tenant.live.close()
 
 
 def plan(api: Api, amount: int = 100) -> str:
@@ -159,29 +175,32 @@ def test_a_write_by_another_connection_reaches_the_next_check(tmp_path: Path) ->
     """Another process (or ``quotastack worker``) writes the same SQLite file: SQLite's
     ``data_version`` tells the server, which tells nothing to its cache otherwise."""
     url = database_url("sqlite", tmp_path)
-    with serve(url, Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0)) as running:
-        tenant = new_tenant(running.base_url)
+    with sqlite_server(url) as (running, tenant):
         api = tenant.sandbox
         hits = Hits(running)
+        feature(api, "api_calls")
+        grant(api, "u1", "api_calls", 10)
+        assert check(api, "u1")["balance"] == 10
+        assert check(api, "u1")["balance"] == 10
+        cached(hits)
+        other = open_database(url)  # a second connection, as a second process would have
         try:
-            feature(api, "api_calls")
-            grant(api, "u1", "api_calls", 10)
-            assert check(api, "u1")["balance"] == 10
-            assert check(api, "u1")["balance"] == 10
-            cached(hits)
-            other = open_database(url)  # a second connection, as a second process would have
-            try:
-                env = other_env(other, tenant.created)
-                with other.transaction() as tx:
-                    ctx = Ctx(tenant.id, env, "sandbox", None, frozenset({"admin"}),
-                              time.time_ns() // 1000, "req_other")
-                    credits.grant(tx, ctx, {"end_user_id": "u1", "feature_key": "api_calls", "amount": 7})
-            finally:
-                other.close()
-            assert check(api, "u1")["balance"] == 17
+            env = other_env(other, tenant.created)
+            with other.transaction() as tx:
+                ctx = Ctx(tenant.id, env, "sandbox", None, frozenset({"admin"}),
+                          time.time_ns() // 1000, "req_other")
+                credits.grant(tx, ctx, {"end_user_id": "u1", "feature_key": "api_calls", "amount": 7})
         finally:
-            tenant.sandbox.close()
-            tenant.live.close()
+            other.close()
+        assert check(api, "u1")["balance"] == 17
+
+
+def grant_directly(db: Any, tenant: Any, end_user_id: str, amount: int) -> None:
+    """A grant in the sandbox of ``tenant`` through ``db``, not through the API."""
+    env = other_env(db, tenant.created)
+    with db.transaction() as tx:
+        ctx = Ctx(tenant.id, env, "sandbox", None, frozenset({"admin"}), time.time_ns() // 1000, "req_other")
+        credits.grant(tx, ctx, {"end_user_id": end_user_id, "feature_key": "api_calls", "amount": amount})
 
 
 def other_env(db: Any, created: dict[str, Any]) -> int:
@@ -206,39 +225,27 @@ def test_metrics_count_what_the_cache_answered(server: Server, api: Api) -> None
 
 
 def test_the_cache_keeps_at_most_its_size(tmp_path: Path) -> None:
-    with serve(database_url("sqlite", tmp_path),
-               Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0, check_cache_entries=3)) as running:
-        tenant = new_tenant(running.base_url)
+    with sqlite_server(database_url("sqlite", tmp_path), check_cache_entries=3) as (running, tenant):
         api = tenant.sandbox
         cache = running.app.app.state.check_cache
-        try:
-            feature(api, "api_calls")
-            for n in range(6):
-                grant(api, f"u{n}", "api_calls", n + 1)
-            for n in range(6):
-                assert check(api, f"u{n}")["balance"] == n + 1
-                assert len(cache) <= 3
-            assert check(api, "u5")["balance"] == 6  # the newest are kept
-            hits = cache.hits
-            assert check(api, "u5")["balance"] == 6
-            assert cache.hits == hits + 1
-        finally:
-            tenant.sandbox.close()
-            tenant.live.close()
+        feature(api, "api_calls")
+        for n in range(6):
+            grant(api, f"u{n}", "api_calls", n + 1)
+        for n in range(6):
+            assert check(api, f"u{n}")["balance"] == n + 1
+            assert len(cache) <= 3
+        assert check(api, "u5")["balance"] == 6  # the newest are kept
+        hits = cache.hits
+        assert check(api, "u5")["balance"] == 6
+        assert cache.hits == hits + 1
 
 
 def test_without_a_cache_the_check_reads_the_database(tmp_path: Path) -> None:
-    with serve(database_url("sqlite", tmp_path),
-               Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0, check_cache_entries=0)) as running:
+    with sqlite_server(database_url("sqlite", tmp_path), check_cache_entries=0) as (running, tenant):
         assert running.app.app.state.check_cache is None
-        tenant = new_tenant(running.base_url)
-        try:
-            feature(tenant.sandbox, "api_calls")
-            grant(tenant.sandbox, "u1", "api_calls", 3)
-            assert check(tenant.sandbox, "u1")["balance"] == 3
-        finally:
-            tenant.sandbox.close()
-            tenant.live.close()
+        feature(tenant.sandbox, "api_calls")
+        grant(tenant.sandbox, "u1", "api_calls", 3)
+        assert check(tenant.sandbox, "u1")["balance"] == 3
 
 
 def test_two_server_processes_on_one_file_never_serve_a_stale_check(tmp_path: Path) -> None:
@@ -294,33 +301,158 @@ def test_an_answer_that_names_a_reset_is_kept_no_longer_than_that(tmp_path: Path
     """Found by trying to break the cache: a paused subscription (no boundary due) and an
     allowance of 0 with a reset (no window kept) left answers whose ``resets_at`` was kept past
     itself. Each kept answer now ends at the ``resets_at`` it names."""
-    with serve(database_url("sqlite", tmp_path),
-               Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0)) as running:
-        tenant = new_tenant(running.base_url)
+    with sqlite_server(database_url("sqlite", tmp_path)) as (running, tenant):
         api = tenant.sandbox
         cache = running.app.app.state.check_cache
-        try:
-            feature(api, "msgs")
-            feature(api, "zero")
-            minute = {"every": 1, "unit": "minute"}
-            both = variant(api, [{"feature_key": "msgs", "amount": 5, "reset": minute},
-                                 {"feature_key": "zero", "amount": 0, "reset": minute}], key="pro_monthly")
-            zero = variant(api, [{"feature_key": "zero", "amount": 0, "reset": minute}], key="pro_zero")
-            paused = subscribe(api, "p", both["id"])
-            api.ok("POST", f"/v1/subscriptions/{paused['id']}/pause", {})
-            subscribe(api, "z", zero["id"])
-            for user, key in (("p", "msgs"), ("z", "zero")):
-                check(api, user, key)
-                answer = check(api, user, key)  # kept, unless a minute began in between
-                assert answer["resets_at"] is not None
-                (_body, since, until), = cache._users[user].values()
-                assert until == instant_us(answer["resets_at"]), (user, answer)  # no sandbox offset
-                assert since < until
-        finally:
-            tenant.sandbox.close()
-            tenant.live.close()
+        feature(api, "msgs")
+        feature(api, "zero")
+        minute = {"every": 1, "unit": "minute"}
+        both = variant(api, [{"feature_key": "msgs", "amount": 5, "reset": minute},
+                             {"feature_key": "zero", "amount": 0, "reset": minute}], key="pro_monthly")
+        zero = variant(api, [{"feature_key": "zero", "amount": 0, "reset": minute}], key="pro_zero")
+        paused = subscribe(api, "p", both["id"])
+        api.ok("POST", f"/v1/subscriptions/{paused['id']}/pause", {})
+        subscribe(api, "z", zero["id"])
+        for user, key in (("p", "msgs"), ("z", "zero")):
+            check(api, user, key)
+            answer = check(api, user, key)  # kept, unless a minute began in between
+            assert answer["resets_at"] is not None
+            (_body, since, until), = cache.kept(user)
+            assert until == instant_us(answer["resets_at"]), (user, answer)  # no sandbox offset
+            assert since < until
 
 
 def instant_us(timestamp: str) -> int:
     moment = instant(timestamp)
     return int(moment.timestamp()) * 1_000_000 + moment.microsecond
+
+
+def answers_of(base_url: str, keys: dict[str, str], checks: list[tuple[str, str, str]]) -> list[Any]:
+    """The check's answer for each (environment, end user, feature), through that environment's key."""
+    out = []
+    for env, user, feature_key in checks:
+        with httpx.Client(base_url=base_url, timeout=30, headers={"Authorization": f"Bearer {keys[env]}"}) as c:
+            reply = c.get("/v1/entitlements/check", params={"end_user_id": user, "feature_key": feature_key})
+            assert reply.status_code == 200, reply.text
+            out.append(reply.json())
+    return out
+
+
+def cache_figure(base_url: str, name: str) -> float:
+    lines = [line for line in httpx.get(f"{base_url}/metrics").text.splitlines() if line.startswith(name)]
+    return float(lines[0].split()[-1])
+
+
+def test_a_started_server_answers_first_checks_from_the_answers_it_warmed(tmp_path: Path) -> None:
+    """``quotastack serve`` reads ahead, when it starts, the answers of every end user for every
+    feature: the first check of each is already a hit, and says exactly what a server that keeps
+    nothing says. Each environment keeps its own answers for the same end user id; an end user
+    whose check needs a write (here: live has a default plan, and ``newcomer`` no subscription
+    yet) is not warmed, and is still answered right."""
+    url = database_url("sqlite", tmp_path)
+    with serve(url, Settings(operator_key=OPERATOR_KEY, sweep_interval_seconds=0, check_cache_entries=0)) as running:
+        tenant = new_tenant(running.base_url)
+        sandbox, live = tenant.sandbox, tenant.live
+        try:
+            for api in (sandbox, live):
+                feature(api, "api_calls")
+                feature(api, "sso", type="boolean")
+                feature(api, "ai_credits", precision=2)
+                feature(api, "images", credit_pool="ai_credits", credits_per_unit=10)
+            pro = variant(sandbox, [{"feature_key": "api_calls", "amount": 100, "reset": {"every": 1, "unit": "day"}},
+                                    {"feature_key": "sso", "enabled": True},
+                                    {"feature_key": "ai_credits", "amount": "25.5"}])
+            subscribe(sandbox, "sub", pro["id"])
+            paused = subscribe(sandbox, "paused", pro["id"])
+            sandbox.ok("POST", f"/v1/subscriptions/{paused['id']}/pause", {})
+            grant(sandbox, "granted", "api_calls", 30)
+            grant(sandbox, "held", "ai_credits", 100)
+            sandbox.ok("POST", "/v1/reservations", {"end_user_id": "held", "feature_key": "images", "units": 3}, 201)
+            assert use(sandbox, "sub", "api_calls", 7).status == 201
+            # Seen before live had a default plan: no subscription, so its first check writes one.
+            grant(live, "newcomer2", "api_calls", 2)
+            free = variant(live, [{"feature_key": "api_calls", "amount": 5}], plan="free", default=True)
+            subscribe(live, "sub", free["id"])
+            grant(live, "sub", "api_calls", 1)
+            live.ok("GET", "/v1/entitlements/check", params={"end_user_id": "newcomer", "feature_key": "sso"})
+        finally:
+            sandbox.close()
+            live.close()
+        keys = {"sandbox": tenant.created["api_keys"][0]["key"], "live": tenant.created["api_keys"][1]["key"]}
+        users = {"sandbox": ["granted", "held", "paused", "sub"], "live": ["newcomer", "sub"]}
+        features = ["ai_credits", "api_calls", "images", "sso"]
+        checks = [(env, user, f) for env in users for user in users[env] for f in features]
+        expected = answers_of(running.base_url, keys, checks)
+    assert {a["balance"] for a in expected if a["end_user_id"] == "sub" and a["feature_key"] == "api_calls"} == {93, 6}
+
+    warmable = len(checks)  # all but newcomer2's, which needs a write (its first check subscribes it)
+    with ServerProcess(url, sweep_interval_seconds=0) as started:
+        deadline = time.monotonic() + 20
+        while cache_figure(started.base_url, "quotastack_check_cache_entries ") < warmable:
+            assert time.monotonic() < deadline, "the server did not warm its answers"
+            time.sleep(0.05)
+        assert cache_figure(started.base_url, "quotastack_check_cache_entries ") == warmable
+        assert answers_of(started.base_url, keys, checks) == expected
+        assert cache_figure(started.base_url, 'quotastack_check_cache_lookups_total{result="hit"}') == warmable
+        assert answers_of(started.base_url, keys, [("live", "newcomer2", "api_calls")])[0]["balance"] == 2 + 5
+        assert cache_figure(started.base_url, 'quotastack_check_cache_lookups_total{result="miss"}') == 1
+
+
+def test_a_run_warmed_while_a_write_lands_is_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that commits between warming's read and its keeping: the run is dropped, and the
+    next check reads the ledger (the grant of 5 is there)."""
+    with sqlite_server(database_url("sqlite", tmp_path)) as (running, tenant):
+        api = tenant.sandbox
+        cache = running.app.app.state.check_cache
+        feature(api, "api_calls")
+        grant(api, "u1", "api_calls", 10)
+        grant(api, "u2", "api_calls", 20)
+        read = entitlements.answers
+
+        def then_a_grant(*args: Any) -> Any:
+            found = read(*args)
+            # A unit of work of another thread of the process commits meanwhile.
+            writer = threading.Thread(target=grant_directly, args=(running.db, tenant, "u1", 5))
+            writer.start()
+            writer.join()
+            return found
+
+        monkeypatch.setattr(entitlements, "answers", then_a_grant)
+        assert running.on_loop(cache.warm()) == 0
+        assert len(cache) == 0
+        monkeypatch.setattr(entitlements, "answers", read)
+        assert check(api, "u1")["balance"] == 15
+        assert running.on_loop(cache.warm()) == 2
+        hits = cache.hits
+        assert (check(api, "u1")["balance"], check(api, "u2")["balance"]) == (15, 20)
+        assert cache.hits == hits + 2
+
+
+def test_warming_fills_the_cache_without_evicting(tmp_path: Path) -> None:
+    with sqlite_server(database_url("sqlite", tmp_path), check_cache_entries=3) as (running, tenant):
+        api = tenant.sandbox
+        cache = running.app.app.state.check_cache
+        feature(api, "api_calls")
+        for n in range(6):
+            grant(api, f"u{n}", "api_calls", n + 1)
+        assert check(api, "u5")["balance"] == 6
+        assert running.on_loop(cache.warm()) == 2
+        assert sorted(cache._users) == ["u0", "u1", "u5"]  # the first two in id order; u5 stays
+        hits = cache.hits
+        assert [check(api, u)["balance"] for u in ("u0", "u1", "u5")] == [1, 2, 6]
+        assert cache.hits == hits + 3
+
+
+def test_no_kept_answer_is_walked_by_the_garbage_collector(tmp_path: Path) -> None:
+    """Every full collection walks the objects the collector tracks: the warmed cache's per-end-user
+    dicts once halved the check's throughput. They hold only strings and bytes, so it tracks none."""
+    with sqlite_server(database_url("sqlite", tmp_path)) as (running, tenant):
+        api = tenant.sandbox
+        cache = running.app.app.state.check_cache
+        feature(api, "api_calls")
+        for n in range(3):
+            grant(api, f"u{n}", "api_calls", n + 1)
+        running.on_loop(cache.warm())
+        check(api, "u0", units=2)
+        assert len(cache) == 4
+        assert not any(gc.is_tracked(entries) for entries in cache._users.values())

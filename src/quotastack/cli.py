@@ -22,7 +22,8 @@ def _settings() -> "object":
                     rate_limit_per_second=float(os.environ.get("QUOTASTACK_RATE_LIMIT_PER_SECOND", "0")),
                     docs_dir=os.environ.get("QUOTASTACK_DOCS_DIR") or None,
                     sweep_interval_seconds=float(os.environ.get("QUOTASTACK_SWEEP_INTERVAL_SECONDS", "5")),
-                    check_cache_entries=int(os.environ.get("QUOTASTACK_CHECK_CACHE_ENTRIES", "200000")))
+                    check_cache_entries=int(os.environ.get("QUOTASTACK_CHECK_CACHE_ENTRIES", "200000")),
+                    check_cache_warm=os.environ.get("QUOTASTACK_CHECK_CACHE_WARM", "1") != "0")
 
 
 def app_factory() -> object:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ class Settings:
     sweep_interval_seconds: float = 5.0
     # Check answers kept between checks on SQLite (see checks.py); 0 turns the cache off.
     check_cache_entries: int = 200_000
+    # Whether the server warms that cache when it starts (``CheckCache.warm``; with the lifespan).
+    check_cache_warm: bool = True
 
 
 async def _sweeping(db: Database, interval_seconds: float) -> None:
@@ -51,6 +54,16 @@ async def _sweeping(db: Database, interval_seconds: float) -> None:
             await db.run(sweep, db, now_us())
         except Exception:  # noqa: BLE001 - the next round tries again; requests never depend on it
             log.exception("sweep failed")
+
+
+async def _warming(cache: CheckCache) -> None:
+    started = time.perf_counter()
+    try:
+        kept = await cache.warm()
+    except Exception:  # noqa: BLE001 - checks read what was not warmed; nothing depends on it
+        log.exception("warming the check cache failed")
+    else:
+        log.info("check cache warmed: %d answers in %.1f s", kept, time.perf_counter() - started)
 
 
 def _request_id(request: Request) -> str:
@@ -64,12 +77,15 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
     metrics = Metrics()
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_sweeping(db, settings.sweep_interval_seconds)) \
-            if settings.sweep_interval_seconds > 0 else None
+        tasks = []
+        if settings.sweep_interval_seconds > 0:
+            tasks.append(asyncio.create_task(_sweeping(db, settings.sweep_interval_seconds)))
+        if cache is not None and settings.check_cache_warm:
+            tasks.append(asyncio.create_task(_warming(cache)))
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -90,8 +106,22 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
     elif getattr(db, "kind", "") == "postgresql":
         auth.unconfirmed = Unconfirmed()  # mutations confirm the kept principal in their unit of work
 
+    scopes = ("entitlements:read", "read")
+
+    def kept_answer(authorization: str | None, query: dict[str, str]) -> bytes | None:
+        """The check's kept answer, authorised, when there is one; None sends the check down
+        ``check_endpoint`` (which also answers every bad request). No statement, no await."""
+        end_user_id = query.get("end_user_id")
+        feature_key = query.get("feature_key")
+        if cache is None or not end_user_id or len(end_user_id) > 255 or not feature_key or not authorization:
+            return None
+        hit = cache.get(end_user_id, hash_key(bearer(authorization)), feature_key, query.get("units", "1"), now_us())
+        if hit is None:
+            return None
+        auth.permit(hit[0], scopes)
+        return hit[1]
+
     async def check_endpoint(authorization: str | None, rid: str, query: dict[str, str]) -> dict[str, Any] | bytes:
-        scopes = ("entitlements:read", "read")
         end_user_id = query.get("end_user_id")
         feature_key = query.get("feature_key")
         if not end_user_id or len(end_user_id) > 255 or not feature_key:
@@ -105,10 +135,6 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
         def work() -> dict[str, Any] | bytes:
             real_now = now_us()
             if cache is not None:
-                hit = cache.get(end_user_id, key_hash, feature_key, units, real_now)
-                if hit is not None:
-                    auth.authorize(hit[0], rid, scopes, real_now)
-                    return hit[1]
                 generation = cache.generation
             # One statement reads the key's principal and everything the check needs.
             with db.reader() as tx:
@@ -124,7 +150,10 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
                     result = entitlements.check(tx, ctx, end_user_id, feature_key, units)
             elif cache is not None:
                 body = dumps(result)
-                cache.put(generation, end_user_id, key_hash, feature_key, units, snap, body, real_now, until)
+                offset = snap["clock_offset_us"]
+                cache.remember_principal(generation, key_hash, snap)
+                cache.put(generation, end_user_id, snap["env_id"], feature_key, units, body, real_now,
+                          None if until is None else until - offset)
                 return body
             return result  # type: ignore[no-any-return]
 
@@ -170,4 +199,4 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return Edge(app, check_endpoint, metrics, direct)
+    return Edge(app, check_endpoint, metrics, direct, kept_answer if cache is not None else None)

@@ -150,9 +150,9 @@ class Authenticator:
             kept.remember_principal(generation, key_hash, principal)
         return self.authorize(principal, request_id, scopes)
 
-    def authorize(self, principal: Any, request_id: str, scopes: Iterable[str], real_now_us: int | None = None,
-                  ) -> Ctx:
-        """A principal row (``Tx.key_principal`` or ``Tx.check_snapshot``) as a context, or refused."""
+    def permit(self, principal: Any, scopes: Iterable[str]) -> frozenset[str]:
+        """Refuse an unknown or revoked key, one over its rate, or one without any of ``scopes``
+        (or admin); else the key's scopes."""
         if principal is None or principal["revoked_at_us"] is not None:
             raise Unauthenticated("unknown or revoked API key")
         held = _scopes(principal["scopes"])
@@ -160,6 +160,12 @@ class Authenticator:
         needed = tuple(scopes)
         if "admin" not in held and not any(s in held for s in needed):
             raise Forbidden(f"this key lacks the scope {needed[0]!r} for this call")
+        return held
+
+    def authorize(self, principal: Any, request_id: str, scopes: Iterable[str], real_now_us: int | None = None,
+                  ) -> Ctx:
+        """A principal row (``Tx.key_principal`` or ``Tx.check_snapshot``) as a context, or refused."""
+        held = self.permit(principal, scopes)
         real = now_us() if real_now_us is None else real_now_us
         return Ctx(principal["tenant_id"], principal["env_id"], principal["kind"], principal["key_id"], held,
                    real + principal["clock_offset_us"], request_id)

@@ -465,21 +465,18 @@ def _batch(mutations: Mutations, tx: Tx, ctx: Ctx, events: list[Any]) -> dict[st
     """
     slots: list[dict[str, Any] | None] = [None] * len(events)
 
-    def end_user(i: int) -> str:
-        raw = events[i]
-        return str(raw.get("end_user_id", "")) if isinstance(raw, dict) else ""
-
+    users = [str(raw.get("end_user_id", "")) if isinstance(raw, dict) else "" for raw in events]
     plain: list[tuple[int, str, dict[str, Any] | None]] = []
-    for i in sorted(range(len(events)), key=end_user):
-        data: dict[str, Any] | None = None
-        if isinstance(events[i], dict) and events[i].get("idempotency_key") is None:
+    for i in sorted(range(len(events)), key=users.__getitem__):
+        data = schemas.plain_usage(events[i])
+        if data is None and isinstance(events[i], dict) and events[i].get("idempotency_key") is None:
             try:
                 data = validate(schemas.UsageIn, events[i])
             except QuotaStackError:
                 data = None  # _batch_event reports it
             else:
                 data.pop("idempotency_key", None)
-        plain.append((i, end_user(i), data))
+        plain.append((i, users[i], data))
     outcomes = usage.record_batch(tx, ctx, plain, lambda i: _batch_event(mutations, tx, ctx, i, events[i]))
     for i, (kind, value) in outcomes.items():
         if kind == "slow":

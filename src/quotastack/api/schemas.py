@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema
@@ -152,6 +153,34 @@ class UsageIn(Body):
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     timestamp: Timestamp | None = None
     metadata: Metadata | None = None
+
+
+# ``Key``'s pattern, matched against the whole text (pydantic's ``$`` allows no trailing newline,
+# which Python's ``$`` would).
+_KEY_TEXT = re.compile(r"[A-Za-z0-9_.:\-]+")
+_USAGE_FIELDS = frozenset(UsageIn.model_fields)
+
+
+def plain_usage(data: Any) -> dict[str, Any] | None:
+    """A batch event that ``UsageIn`` would pass unchanged and that has no idempotency key, as
+    ``UsageIn`` would give it (without ``idempotency_key``); None for any other event.
+
+    A batch validates up to a thousand events, and the model costs several microseconds each.
+    This accepts only what ``UsageIn`` accepts as it is (the JSON types it asks for, within its
+    lengths and pattern); everything else, valid or not, goes through ``UsageIn`` itself, so an
+    error always reads as the model writes it (a test holds the two the same).
+    """
+    if type(data) is not dict or not _USAGE_FIELDS.issuperset(data):
+        return None
+    user, key = data.get("end_user_id"), data.get("feature_key")
+    timestamp, metadata = data.get("timestamp"), data.get("metadata")
+    if (type(user) is not str or not 0 < len(user) <= 255 or type(key) is not str or len(key) > 100
+            or _KEY_TEXT.fullmatch(key) is None or "units" not in data or data.get("idempotency_key") is not None
+            or (timestamp is not None and type(timestamp) is not str)
+            or (metadata is not None and type(metadata) is not dict)):
+        return None
+    return {"end_user_id": user, "feature_key": key, "units": data["units"], "timestamp": timestamp,
+            "metadata": None if metadata is None else dict(metadata)}
 
 
 class UsageBatchIn(Body):

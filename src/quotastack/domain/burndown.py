@@ -20,7 +20,12 @@ class Block:
     remaining: int
 
     def usable_at(self, at_us: int) -> bool:
-        return self.effective_at_us <= at_us and (self.expires_at_us is None or at_us < self.expires_at_us)
+        return usable(self.effective_at_us, self.expires_at_us, at_us)
+
+
+def usable(effective_at_us: int, expires_at_us: int | None, at_us: int) -> bool:
+    """Whether a block with these bounds can be spent at ``at_us``."""
+    return effective_at_us <= at_us and (expires_at_us is None or at_us < expires_at_us)
 
 
 def burn_key(block: Block) -> tuple[int, int, int, int]:

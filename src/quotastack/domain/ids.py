@@ -22,12 +22,29 @@ _RFC4648 = "abcdefghijklmnopqrstuvwxyz234567"
 _PAIRS = [a + b for a in _RFC4648 for b in _RFC4648]
 
 
+# Each byte to the base32 character of its low five bits: random bytes become random characters.
+_CHAR_OF_BYTE = bytes(ord(_RFC4648[b & 31]) for b in range(256))
+# The characters of the last millisecond seen: (milliseconds, its first nine characters).
+_head: tuple[int, str] = (-1, "")
+
+
 def new_id(prefix: str) -> str:
     # 48 bits of milliseconds then 80 random bits, as 26 base32 characters (one per 5 bits): the
     # first 26 characters of RFC 4648 base32 of those 16 bytes, i.e. 130 bits, the last two zero.
-    # Built ten bits at a time, not by ``base64.b32encode`` (its pure-Python loop was a sizeable
-    # part of a usage's time; ``reference_id`` keeps it, and a test holds the two equal).
-    return _encode(prefix, (time.time_ns() // 1_000_000 % (1 << 48)) << 80 | int.from_bytes(os.urandom(10), "big"))
+    # Characters 0-8 are the milliseconds' top 45 bits (the same for every id of that
+    # millisecond: made once), character 9 their last 3 bits and 2 random ones, characters
+    # 10-24 75 random bits, character 25 the last 3 random bits and the two zeros. The random
+    # characters come from random bytes by table (each byte's low 5 bits), not from a number
+    # cut into bits: ``reference_id`` keeps the plain definition, and a test holds new ids to it.
+    global _head
+    ms = time.time_ns() // 1_000_000 % (1 << 48)
+    seen, head = _head
+    if seen != ms:
+        head = _encode("", ms << 80)[1:10]
+        _head = (ms, head)
+    rnd = os.urandom(17)
+    return (f"{prefix}_{head}{_RFC4648[(ms & 7) << 2 | rnd[0] & 3]}"
+            f"{rnd[1:16].translate(_CHAR_OF_BYTE).decode()}{_RFC4648[(rnd[16] & 7) << 2]}")
 
 
 def _encode(prefix: str, value: int) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
-from ..domain.burndown import Block, allocate
+from ..domain.burndown import Block, allocate, usable
 from ..domain.ids import new_id
 from . import views
 from .codec import dumps
@@ -123,7 +123,10 @@ class Account:
 
     def spendable(self, at_us: int | None = None) -> int:
         at = self.ctx.now_us if at_us is None else at_us
-        return sum(b.remaining for b in self.blocks() if b.usable_at(at))
+        # From the rows themselves: every usage's response asks, and making ``Block``s for it
+        # cost more than the sum.
+        return sum(r["remaining"] for r in self.rows.values()
+                   if r["status"] == "active" and usable(r["effective_at_us"], r["expires_at_us"], at))
 
     # ---- time -----------------------------------------------------------------------------------
 

@@ -22,6 +22,8 @@ def dumps_bytes(value: Any) -> bytes:
 
 
 def dumps(value: Any) -> str:
+    if type(value) is dict and not value:  # most metadata
+        return "{}"
     return dumps_bytes(value).decode()
 
 

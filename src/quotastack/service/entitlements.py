@@ -53,6 +53,21 @@ def evaluate_until(snap: Row, ctx: Ctx, end_user_id: str, feature_key: str, unit
     return result, min(instants, default=None)
 
 
+def answers(tx: Tx, ctx: Ctx, feature_key: str, after: str, limit: int,
+            ) -> tuple[list[tuple[str, Any, int | None]], str | None]:
+    """The check's answer for 1 unit of ``feature_key`` now, with its horizon (``evaluate_until``),
+    for up to ``limit`` of the environment's end users whose ids sort after ``after``, in id order.
+    End users whose check would need a write are left out. Also returns the last id read (the
+    next run's ``after``), None when there are no more."""
+    rows = tx.check_snapshots(ctx.env_id, feature_key, ctx.now_us, after, limit)
+    out = []
+    for snap in rows:
+        result, until = evaluate_until(snap, ctx, snap["end_user_id"], feature_key)
+        if result is not NEEDS_WRITE:
+            out.append((snap["end_user_id"], result, until))
+    return out, rows[-1]["end_user_id"] if len(rows) == limit else None
+
+
 def _answer(snap: Row | None, ctx: Ctx, end_user_id: str, feature_key: str, units: object,
             ) -> tuple[Any, int | None]:
     """``evaluate``'s answer, and the end of the window its ``resets_at`` names (or None)."""

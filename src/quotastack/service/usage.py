@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from ..domain import periods
@@ -32,10 +33,30 @@ class Usage:
     metadata: Any
 
 
-def prepare(features: Features, ctx: Ctx, data: dict[str, Any]) -> Usage:
+# What ``prepare`` makes of a feature key and units: (feature, charged feature, units, amount).
+Priced = tuple[Feature, Feature, int, int]
+
+
+def prepare(features: Features, ctx: Ctx, data: dict[str, Any],
+            priced: dict[tuple[Any, ...], Priced] | None = None) -> Usage:
+    """``data`` checked and priced. ``priced`` keeps the pricing of each feature key and units
+    within one unit of work (a batch's events mostly repeat a few): it depends on nothing else."""
+    units_in = data["units"]
+    memo = None
+    if priced is not None and type(units_in) in (int, str, Decimal):
+        memo = (data["feature_key"], type(units_in), units_in)
+        known = priced.get(memo)
+        if known is not None:
+            return _usage(ctx, data, *known)
     feature = metered(features, data["feature_key"])
-    units = to_minor(data["units"], feature.precision, "units")
+    units = to_minor(units_in, feature.precision, "units")
     charged, amount = cost(features, feature, units)
+    if memo is not None:
+        priced[memo] = (feature, charged, units, amount)
+    return _usage(ctx, data, feature, charged, units, amount)
+
+
+def _usage(ctx: Ctx, data: dict[str, Any], feature: Feature, charged: Feature, units: int, amount: int) -> Usage:
     timestamp_us = ctx.now_us
     if data.get("timestamp") is not None:
         timestamp_us = periods.parse_rfc3339(data["timestamp"], "timestamp")
@@ -144,13 +165,14 @@ def record_batch(tx: Tx, ctx: Ctx, events: Sequence[tuple[int, str, dict[str, An
     for i, user, data in events:
         groups.setdefault(user, []).append((i, data))
     prepared: dict[int, Usage] = {}
+    priced: dict[tuple[Any, ...], Priced] = {}
     candidates: list[str] = []
     for user, items in groups.items():
         try:
             for i, data in items:
                 if data is None or data["end_user_id"] != user:
                     raise LookupError
-                prepared[i] = prepare(features, ctx, data)
+                prepared[i] = prepare(features, ctx, data, priced)
         except (LookupError, QuotaStackError):
             continue
         candidates.append(user)

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 from ..service.ports import Row
@@ -85,9 +86,12 @@ class SqlTx:
         if not rows:
             return
         self._wrote(table, rows)
-        cols = ", ".join(rows[0])
-        vals = ", ".join(f":{c}" for c in rows[0])
-        self._cur.executemany(self._sql(f"INSERT INTO {table} ({cols}) VALUES ({vals})"), rows)
+        # Positional parameters: binding fifteen names from a dict per row was a sizeable part of
+        # a batch's inserts. Every row has the first row's columns.
+        cols = list(rows[0])
+        marks = ", ".join(["%s" if self._pyformat else "?"] * len(cols))
+        values = itemgetter(*cols) if len(cols) > 1 else (lambda row: (row[cols[0]],))
+        self._cur.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})", list(map(values, rows)))
 
     def get(self, table: str, **where: Any) -> Row | None:
         cond = " AND ".join(f"{c} = :{c}" for c in where)
@@ -172,8 +176,9 @@ class SqlTx:
         """Set blocks' ``remaining``: (block id, amount) pairs, one statement for all."""
         if pairs:
             self._wrote("blocks")
-            self._cur.executemany(self._sql("UPDATE blocks SET remaining = :r WHERE id = :i"),
-                                  [{"i": block_id, "r": amount} for block_id, amount in pairs])
+            mark = "%s" if self._pyformat else "?"
+            self._cur.executemany(f"UPDATE blocks SET remaining = {mark} WHERE id = {mark}",
+                                  [(amount, block_id) for block_id, amount in pairs])
 
     def try_lock_key(self, env_id: int, key: str) -> bool:
         """Claim an idempotency key for this transaction; SQLite's write lock already has."""
@@ -250,6 +255,14 @@ class SqlTx:
             _CHECK_SNAPSHOT_HORIZON if horizon else _CHECK_SNAPSHOT,
             {"h": key_hash, "u": end_user_id, "k": feature_key, "now": real_now_us, "yes": True},
         )
+
+    def check_snapshots(self, env_id: int, feature_key: str, at_us: int, after: str, limit: int) -> list[Row]:
+        """``check_snapshot(horizon=True)``'s feature, subscription, balance and horizon columns at
+        ``at_us`` (the environment's time) for up to ``limit`` of the environment's end users whose
+        ids sort after ``after``, in id order, each row with its ``end_user_id``. No principal
+        columns: no key is involved."""
+        return self.all(_CHECK_SNAPSHOTS, {"e": env_id, "k": feature_key, "t": at_us, "after": after,
+                                           "n": limit, "yes": True})
 
     def reserved_at(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> int:
         """The reserved total at a past instant, from the ledger."""
@@ -424,6 +437,10 @@ class SqlTx:
         row = self.key_principal(key_hash)
         return lambda: row
 
+    def key_principals(self) -> list[Row]:
+        """``key_principal`` of every key (revoked ones too), each with its ``key_hash``."""
+        return self.all(_PRINCIPALS.replace("SELECT ", "SELECT k.key_hash, ", 1) + "ORDER BY k.env_id, k.seq")
+
     # ---- housekeeping -------------------------------------------------------------------------
 
     def delete_idempotency_older_than(self, cutoff_us: int) -> int:
@@ -431,9 +448,12 @@ class SqlTx:
                                 {"c": cutoff_us}).rowcount)
 
 
-# The entitlement check's columns; ``{env}`` and ``{t}`` are the environment and the instant.
+_PRINCIPALS = ("SELECT k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
+               "FROM api_keys k JOIN environments e ON e.id = k.env_id ")
+# The entitlement check's columns; ``{env}``, ``{t}`` and ``{u}`` are the environment, the instant
+# and the end user.
 _SNAPSHOT = (
-    "SELECT f.key AS f_key, f.type AS f_type, f.precision AS f_precision, f.credit_pool AS f_pool, "
+    "f.key AS f_key, f.type AS f_type, f.precision AS f_precision, f.credit_pool AS f_pool, "
     "f.credits_per_unit AS f_rate, pf.precision AS pool_precision, "
     "s.id AS sub_id, s.status AS sub_status, s.anchor_us, s.current_period_start_us, "
     "s.current_period_end_us, s.trial_end_us, s.timezone, "
@@ -444,31 +464,22 @@ _SNAPSHOT = (
     "eo.overage AS own_overage, eo.reset AS own_reset, "
     "ep.enabled AS pool_enabled, ep.unlimited AS pool_unlimited, ep.amount AS pool_amount, "
     "ep.overage AS pool_overage, ep.reset AS pool_reset, "
-    "(SELECT COALESCE(SUM(b.remaining), 0) FROM blocks b WHERE b.env_id = {env} AND b.end_user_id = :u "
+    "(SELECT COALESCE(SUM(b.remaining), 0) FROM blocks b WHERE b.env_id = {env} AND b.end_user_id = {u} "
     "AND b.feature_key = COALESCE(f.credit_pool, f.key) AND b.status IN ('active', 'scheduled') "
     "AND b.effective_at_us <= {t} AND (b.expires_at_us IS NULL OR b.expires_at_us > {t})) AS free, "
     "(SELECT COALESCE(SUM(h.amount), 0) FROM reservations r "
     "JOIN reservation_holds h ON h.reservation_id = r.id JOIN blocks b ON b.id = h.block_id "
-    "WHERE r.env_id = {env} AND r.end_user_id = :u AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) "
+    "WHERE r.env_id = {env} AND r.end_user_id = {u} AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) "
     # The unary + keeps the planner on the end user's index, not every due reservation's.
     "AND r.status = 'held' AND +r.expires_at_us <= {t} AND b.status IN ('active', 'scheduled') "
     "AND b.effective_at_us <= {t} AND (b.expires_at_us IS NULL OR b.expires_at_us > {t})) AS returned "
 )
 _SNAPSHOT_JOINS = (
     "LEFT JOIN features pf ON pf.env_id = f.env_id AND pf.key = f.credit_pool "
-    "LEFT JOIN subscriptions s ON s.env_id = f.env_id AND s.end_user_id = :u AND s.live = :yes "
+    "LEFT JOIN subscriptions s ON s.env_id = f.env_id AND s.end_user_id = {u} AND s.live = :yes "
     "LEFT JOIN variant_entitlements eo ON eo.variant_id = s.variant_id AND eo.feature_key = f.key "
     "LEFT JOIN variant_entitlements ep ON ep.variant_id = s.variant_id AND ep.feature_key = f.credit_pool "
 )
-# The statements are built once: formatting them per check cost more than a tenth of a check.
-_ENTITLEMENT_SNAPSHOT = (_SNAPSHOT.format(env=":e", t=":t") + "FROM features f " + _SNAPSHOT_JOINS
-                         + "WHERE f.env_id = :e AND f.key = :k")
-_CHECK_FROM = (
-    ", k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
-    "FROM api_keys k JOIN environments e ON e.id = k.env_id "
-    "LEFT JOIN features f ON f.env_id = k.env_id AND f.key = :k " + _SNAPSHOT_JOINS + "WHERE k.key_hash = :h"
-)
-_CHECK_T = "(:now + e.clock_offset_us)"
 # When time alone next changes a check's answer: the subscription's next boundary, the next block
 # of the charged feature to take effect or to expire (a block yet to take effect changes the
 # answer first then), the next held reservation to expire. The unary + and the "+ 0" keep the
@@ -478,14 +489,33 @@ _HORIZON = (
     ", s.next_due_us AS h_due, "
     "(SELECT MIN(CASE WHEN b.effective_at_us > {t} THEN b.effective_at_us "
     "WHEN +b.expires_at_us > {t} THEN b.expires_at_us END) FROM blocks b "
-    "WHERE b.env_id = k.env_id AND b.end_user_id = :u AND b.feature_key = COALESCE(f.credit_pool, f.key) "
+    "WHERE b.env_id = {env} AND b.end_user_id = {u} AND b.feature_key = COALESCE(f.credit_pool, f.key) "
     "AND b.status IN ('active', 'scheduled')) AS h_blocks, "
-    "(SELECT MIN(r.expires_at_us + 0) FROM reservations r WHERE r.env_id = k.env_id AND r.end_user_id = :u "
+    "(SELECT MIN(r.expires_at_us + 0) FROM reservations r WHERE r.env_id = {env} AND r.end_user_id = {u} "
     "AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) AND r.status = 'held' "
     "AND +r.expires_at_us > {t}) AS h_reservation "
-).format(t=_CHECK_T)
-_CHECK_SNAPSHOT = _SNAPSHOT.format(env="k.env_id", t=_CHECK_T) + _CHECK_FROM
-_CHECK_SNAPSHOT_HORIZON = _SNAPSHOT.format(env="k.env_id", t=_CHECK_T) + _HORIZON + _CHECK_FROM
+)
+# The statements are built once: formatting them per check cost more than a tenth of a check.
+_ENTITLEMENT_SNAPSHOT = ("SELECT " + _SNAPSHOT.format(env=":e", t=":t", u=":u") + "FROM features f "
+                         + _SNAPSHOT_JOINS.format(u=":u") + "WHERE f.env_id = :e AND f.key = :k")
+_CHECK_FROM = (
+    ", k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
+    "FROM api_keys k JOIN environments e ON e.id = k.env_id "
+    "LEFT JOIN features f ON f.env_id = k.env_id AND f.key = :k " + _SNAPSHOT_JOINS.format(u=":u")
+    + "WHERE k.key_hash = :h"
+)
+_CHECK_AT = {"env": "k.env_id", "t": "(:now + e.clock_offset_us)", "u": ":u"}
+_CHECK_SNAPSHOT = "SELECT " + _SNAPSHOT.format(**_CHECK_AT) + _CHECK_FROM
+_CHECK_SNAPSHOT_HORIZON = "SELECT " + _SNAPSHOT.format(**_CHECK_AT) + _HORIZON.format(**_CHECK_AT) + _CHECK_FROM
+# The same snapshot and horizon for a run of an environment's end users, in id order (what the
+# check's answers kept on SQLite are warmed from; see ``SqlTx.check_snapshots``).
+_EACH_USER = {"env": ":e", "t": ":t", "u": "eu.end_user_id"}
+_CHECK_SNAPSHOTS = (
+    "SELECT eu.end_user_id AS end_user_id, " + _SNAPSHOT.format(**_EACH_USER) + _HORIZON.format(**_EACH_USER)
+    + "FROM end_users eu JOIN features f ON f.env_id = eu.env_id AND f.key = :k "
+    + _SNAPSHOT_JOINS.format(u="eu.end_user_id")
+    + "WHERE eu.env_id = :e AND eu.end_user_id > :after ORDER BY eu.end_user_id LIMIT :n"
+)
 
 # ``usage_state``: one row per live block of the charged feature (one with NULL block columns when
 # there is none), each with the same head. What held reservations hold is two scalar subqueries
@@ -521,8 +551,7 @@ _USAGE_STATE = (
     "WHERE f.env_id = :e AND f.key = :k ORDER BY b.seq"
 )
 
-_KEY_PRINCIPAL = ("SELECT k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
-                  "FROM api_keys k JOIN environments e ON e.id = k.env_id WHERE k.key_hash = :h")
+_KEY_PRINCIPAL = _PRINCIPALS + "WHERE k.key_hash = :h"
 
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -533,11 +562,29 @@ def _chunks(values: list[Any], size: int = 400) -> list[list[Any]]:
 
 
 def _in_list(prefix: str, values: Sequence[Any], params: dict[str, Any]) -> str:
-    """``:prefix0, :prefix1, …`` for an ``IN (…)`` list, adding the values to ``params``."""
+    """``:prefix0, :prefix1, …`` for an ``IN (…)`` list, adding the values to ``params``.
+
+    The list is padded to a multiple of 16 (beyond 8 values) by repeating its last value, which
+    changes nothing an ``IN`` matches: a batch's statements then come in a few lengths, each
+    prepared once and kept by the driver, instead of a new statement text (parsed and planned
+    again, ~100 µs for a hundred values) for every count of end users.
+    """
     assert values, "an IN list needs at least one value"
+    count = len(values)
+    padded = count if count <= 8 else -(-count // 16) * 16
     for i, value in enumerate(values):
         params[f"{prefix}{i}"] = value
-    return ", ".join(f":{prefix}{i}" for i in range(len(values)))
+    for i in range(count, padded):
+        params[f"{prefix}{i}"] = values[-1]
+    return _IN_MARKS[prefix, padded] if (prefix, padded) in _IN_MARKS else _in_marks(prefix, padded)
+
+
+_IN_MARKS: dict[tuple[str, int], str] = {}
+
+
+def _in_marks(prefix: str, count: int) -> str:
+    marks = _IN_MARKS[prefix, count] = ", ".join(f":{prefix}{i}" for i in range(count))
+    return marks
 
 
 @lru_cache(maxsize=2048)
