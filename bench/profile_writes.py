@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Where a usage's (and a batch's) server time goes: in-process, no HTTP, on a fresh SQLite file.
+"""Where a usage's (and a batch's) server time goes: in-process, no HTTP, on a fresh database.
 
-    .venv/bin/python bench/profile_writes.py [--n 3000] [--batches 30] [--cprofile] [--sql]
+    .venv/bin/python bench/profile_writes.py [--n 3000] [--batches 30] [--cprofile] [--sql] [--url URL]
 
 Builds the same data as ``bench_writes.py`` (one tenant, the ``tokens`` feature, 1,000 funded end
 users) through the service's ASGI app, then calls the app directly (the ``Edge`` object that
 ``quotastack serve`` runs) with ``POST /v1/usage`` for random end users and ``POST
 /v1/usage/batch`` with 100 events: exactly what ``Server-Timing`` measures. ``--sql`` prints the
-statements one usage and one batch run; ``--cprofile`` adds a cProfile table of each.
-It works in a temporary directory and starts no process.
+statements one usage and one batch run (on PostgreSQL also the round trips: each read that waits
+for the server, each commit); ``--cprofile`` adds a cProfile table of each. By default it works on
+a SQLite file in a temporary directory and starts no process; ``--url postgresql://…`` runs the
+same against that (empty, migrated here) PostgreSQL database instead, e.g. under
+``scripts/with-postgres`` with ``--url "$QUOTASTACK_TEST_POSTGRES_URL"``. It also reports the CPU
+time the process spent per request (on PostgreSQL the server's backends are not included).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--sql", action="store_true")
     parser.add_argument("--sort", default="tottime", help="cProfile order: tottime or cumulative")
+    parser.add_argument("--url", default="", help="a PostgreSQL URL to profile instead of a SQLite file")
     args = parser.parse_args()
     global SORT
     SORT = args.sort
@@ -45,7 +50,16 @@ def main() -> None:
     from quotastack.store import open_database
 
     folder = tempfile.mkdtemp(prefix="qs-prof-")
-    db = open_database(f"sqlite:///{folder}/p.db")
+    db = open_database(args.url or f"sqlite:///{folder}/p.db")
+    if args.url:
+        db.migrate()  # type: ignore[attr-defined]
+        if args.cprofile:
+            # Store work inline on the event loop's thread, where cProfile sees it (the pool's
+            # threads it would not); waiting for the server shows as psycopg's wait.
+            async def inline(fn: Any, *fn_args: Any) -> Any:
+                return db.retrying(fn, *fn_args)  # type: ignore[attr-defined]
+
+            db.run = inline  # type: ignore[method-assign]
     edge = create_app(db, Settings(operator_key="op", sweep_interval_seconds=0))
     sink: list[Any] = []
     loop = asyncio.new_event_loop()
@@ -88,22 +102,29 @@ def main() -> None:
 
     def timed(fn: Any, n: int) -> list[float]:
         out = []
+        cpu0 = time.process_time()
         for _ in range(n):
             t0 = time.perf_counter_ns()
             fn()
             out.append((time.perf_counter_ns() - t0) / 1000)
+        cpu_us.append((time.process_time() - cpu0) * 1e6 / n)
         return sorted(out)
+
+    cpu_us: list[float] = []
 
     def show(name: str, values: list[float], per: int = 1) -> None:
         print(f"{name:28} mean {statistics.fmean(values) / per:8.1f} µs  p50 {values[len(values) // 2] / per:8.1f}"
-              f"  p99 {values[int(len(values) * 0.99)] / per:8.1f}  (per {'event' if per > 1 else 'request'})")
+              f"  p99 {values[int(len(values) * 0.99)] / per:8.1f}  (per {'event' if per > 1 else 'request'})"
+              f"  process CPU {cpu_us[-1] / per:8.1f} µs")
 
     timed(usage, 300)
     show("usage", timed(usage, args.n))
     timed(batch, 3)
     show("batch of 100", timed(batch, args.batches), per=100)
 
-    if args.sql:
+    if args.sql and args.url:
+        trace_postgres(usage, batch)
+    elif args.sql:
         conn = db._connection()
         statements: list[str] = []
         conn.set_trace_callback(statements.append)
@@ -127,6 +148,49 @@ def main() -> None:
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats(SORT).print_stats(40)
             print(f"\n---- cProfile: {n} × {name}, by own time\n{out.getvalue()[:6000]}")
+
+
+def trace_postgres(usage: Any, batch: Any) -> None:
+    """The statements and round trips of one usage and one batch, on PostgreSQL."""
+    import psycopg
+    from psycopg._pipeline import BasePipeline
+
+    log: list[str] = []
+    cursor_execute, cursor_executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
+    fetch_gen, sync_gen = BasePipeline._fetch_gen, BasePipeline._sync_gen
+
+    def execute(self: Any, query: Any, params: Any = None, **kw: Any) -> Any:
+        log.append(("    " if self.connection._pipeline else "  * ") + str(query)[:150])
+        if not self.connection._pipeline:
+            log.append("  -- round trip (not pipelined)")
+        return cursor_execute(self, query, params, **kw)
+
+    def executemany(self: Any, query: Any, params_seq: Any, **kw: Any) -> Any:
+        params_seq = list(params_seq)
+        log.append(f"    {str(query)[:130]} × {len(params_seq)}")
+        return cursor_executemany(self, query, params_seq, **kw)
+
+    def fetch(self: Any, flush: bool) -> Any:
+        if flush and self.result_queue:
+            log.append("  -- round trip (a read)")
+        return fetch_gen(self, flush=flush)
+
+    def sync(self: Any) -> Any:
+        log.append("  -- round trip (sync: the commit, or the end of the pipeline)")
+        return sync_gen(self)
+
+    psycopg.Cursor.execute, psycopg.Cursor.executemany = execute, executemany  # type: ignore[method-assign]
+    BasePipeline._fetch_gen, BasePipeline._sync_gen = fetch, sync  # type: ignore[method-assign]
+    try:
+        for name, fn in (("one usage", usage), ("one batch of 100", batch)):
+            log.clear()
+            fn()
+            trips = sum(line.startswith("  --") for line in log)
+            print(f"\n{name}: {len(log) - trips} statements, {trips} round trips (* = outside the pipeline)")
+            print("\n".join(log[:60]))
+    finally:
+        psycopg.Cursor.execute, psycopg.Cursor.executemany = cursor_execute, cursor_executemany  # type: ignore[method-assign]
+        BasePipeline._fetch_gen, BasePipeline._sync_gen = fetch_gen, sync_gen  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

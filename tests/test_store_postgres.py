@@ -100,6 +100,113 @@ def test_a_domain_error_in_a_savepoint_keeps_the_rest_of_the_transaction(pg: obj
     assert rows(pg, table) == [1, 21]
 
 
+def test_a_unit_of_work_that_raises_is_rolled_back_and_its_connection_left_idle(pg: object) -> None:
+    """BEGIN and COMMIT are queued in the pipeline; an exception of the unit of work queues ROLLBACK."""
+    table = pg.table  # type: ignore[attr-defined]
+    with pytest.raises(LookupError):
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            tx.execute(f"INSERT INTO {table} VALUES (30)")
+            assert tx.one("SELECT 1 AS one") == {"one": 1}  # BEGIN and the insert went with this read
+            raise LookupError("refused")
+    assert rows(pg, table) == [1]
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        tx.execute(f"INSERT INTO {table} VALUES (31)")
+    assert rows(pg, table) == [1, 31]
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        status = tx.one("SELECT 1 AS one")
+        assert status == {"one": 1}
+
+
+def test_a_failed_commit_leaves_the_connection_usable(pg: object) -> None:
+    """A deferred constraint fails at COMMIT itself: the transaction ends, nothing of it remains."""
+    table = pg.table  # type: ignore[attr-defined]
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        tx.execute(f"CREATE TABLE {table}_d (id INT PRIMARY KEY DEFERRABLE INITIALLY DEFERRED)")
+    try:
+        with pytest.raises(errors.UniqueViolation):
+            with pg.transaction() as tx:  # type: ignore[attr-defined]
+                tx.execute(f"INSERT INTO {table}_d VALUES (1)")
+                tx.execute(f"INSERT INTO {table}_d VALUES (1)")
+        assert rows(pg, f"{table}_d") == []
+    finally:
+        with pg.reader() as tx:  # type: ignore[attr-defined]
+            tx.execute(f"DROP TABLE {table}_d")
+
+
+def test_every_wait_for_an_answer_sends_what_the_cork_holds(pg: object) -> None:
+    """Statements queued under TCP_CORK leave before each read, claim and commit waits for its answer.
+
+    A wait that forgot to take the cork off would still end, but only after the kernel's 200 ms:
+    30 of them would take 6 s. Afterwards the connection's socket is left uncorked.
+    """
+    import socket
+
+    table = pg.table  # type: ignore[attr-defined]
+    started = time.monotonic()
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        later = tx.key_principal_later("no such key")
+        for i in range(10):
+            tx.execute(f"INSERT INTO {table} VALUES ({100 + i})")
+            assert tx.one(f"SELECT COUNT(*) AS n FROM {table}") == {"n": i + 2}
+            assert len(tx.all(f"SELECT id FROM {table}")) == i + 2
+            assert tx.try_lock_key(random.randrange(10**12, 10**13), f"key-{i}") is True
+        assert later() is None
+        tx.execute(f"DELETE FROM {table} WHERE id >= 100")
+    assert time.monotonic() - started < 2.0
+    assert rows(pg, table) == [1]
+    cork = pg._local.cork  # type: ignore[attr-defined]
+    if cork._sock is not None:
+        assert cork._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+
+
+@pytest.fixture
+def pairs(pg: object) -> Iterator[str]:
+    """A scratch table of (id, v) rows for the held writes' tests."""
+    table = f"{pg.table}_v"  # type: ignore[attr-defined]
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        tx.execute(f"CREATE TABLE {table} (id INT PRIMARY KEY, v INT NOT NULL)")
+    yield table
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        tx.execute(f"DROP TABLE {table}")
+
+
+def values(pg: object, table: str) -> list[tuple[int, int]]:
+    with pg.reader() as tx:  # type: ignore[attr-defined]
+        return [(row["id"], row["v"]) for row in tx.all(f"SELECT id, v FROM {table} ORDER BY id")]
+
+
+def test_held_writes_are_seen_by_the_next_read_and_applied_in_order(pg: object, pairs: str) -> None:
+    """Inserts and updates are held and sent as one statement; what would differ in one is split."""
+    table = pg.table  # type: ignore[attr-defined]
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        tx.insert(pairs, {"id": 1, "v": 10})
+        tx.insert(pairs, {"id": 2, "v": 20})
+        tx.insert(table, {"id": 40})
+        tx.update(pairs, {"id": 1}, {"v": 11})  # sees the row inserted just before
+        tx.update(pairs, {"id": 1}, {"v": 12})  # the same row again: the later value stays
+        tx.update(table, {"id": 40}, {"id": 41})
+        assert tx.all(f"SELECT id, v FROM {pairs} ORDER BY id") == [{"id": 1, "v": 12}, {"id": 2, "v": 20}]
+        tx.update(pairs, {"id": 2}, {"v": 21})
+        tx.insert(pairs, {"id": 3, "v": 30})
+    assert values(pg, pairs) == [(1, 12), (2, 21), (3, 30)]
+    assert rows(pg, table) == [1, 41]
+
+
+def test_a_failing_part_of_held_writes_raises_its_own_error_and_nothing_remains(pg: object, pairs: str) -> None:
+    table = pg.table  # type: ignore[attr-defined]
+    with pytest.raises(errors.UniqueViolation):
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            tx.insert(pairs, {"id": 5, "v": 50})
+            tx.insert(table, {"id": 1})  # the duplicate, in the middle of one statement
+            tx.insert(pairs, {"id": 6, "v": 60})
+    assert values(pg, pairs) == [] and rows(pg, table) == [1]
+    with pytest.raises(LookupError):
+        with pg.transaction() as tx:  # type: ignore[attr-defined]
+            tx.insert(pairs, {"id": 7, "v": 70})
+            raise LookupError("refused before anything was sent")
+    assert values(pg, pairs) == []
+
+
 def in_turn(pg: object, holder: Callable[[Any], None], waiter: Callable[[Any], None]) -> list[str]:
     """``holder`` in a transaction that then holds its locks 0.3 s, ``waiter`` in another started
     meanwhile: the order in which they got past their locks."""
@@ -142,6 +249,28 @@ def test_lock_end_user_creates_the_end_user_once_and_serialises_writers(pg: obje
         found = tx.all("SELECT created_at_us FROM end_users WHERE env_id = :e AND end_user_id = :u",
                        {"e": env_id, "u": user})
     assert [row["created_at_us"] for row in found] == [1]
+
+
+def test_lock_end_user_on_an_existing_end_user_writes_no_row_version_and_still_serialises(pg: object) -> None:
+    env_id, user = random.randrange(10**12, 10**13), "existing"
+    with pg.transaction() as tx:  # type: ignore[attr-defined]
+        tx.lock_end_user(env_id, user, 1)
+
+    def version() -> Any:
+        with pg.reader() as tx:  # type: ignore[attr-defined]
+            return tx.one("SELECT xmin::text AS v, created_at_us FROM end_users WHERE env_id = :e AND end_user_id = :u",
+                          {"e": env_id, "u": user})
+
+    before = version()
+
+    def lock(now_us: int) -> Callable[[Any], None]:
+        def run(tx: Any) -> None:
+            tx.lock_end_user(env_id, user, now_us)
+            tx.live_subscription(env_id, user)
+        return run
+
+    assert in_turn(pg, lock(2), lock(3)) == ["holder", "waiter"]
+    assert version() == before  # locked twice since, never rewritten
 
 
 def test_a_broken_connection_is_replaced(pg: object) -> None:

@@ -23,7 +23,7 @@ from ..service.subscriptions import ensure_subscription
 from ..service.sweep import sweep
 from ..service.tenants import hash_key
 from ..store.database import SqliteDatabase
-from .auth import Authenticator, RateLimiter, bearer, now_us
+from .auth import Authenticator, RateLimiter, Unconfirmed, bearer, now_us
 from .checks import CheckCache
 from .edge import Edge, Metrics
 from .mutations import Mutations
@@ -103,6 +103,8 @@ def create_app(db: Database, settings: Settings | None = None) -> Edge:
     if cache is not None:
         metrics.extra.append(cache.metrics)
         auth.principals = cache
+    elif getattr(db, "kind", "") == "postgresql":
+        auth.unconfirmed = Unconfirmed()  # mutations confirm the kept principal in their unit of work
 
     scopes = ("entitlements:read", "read")
 

@@ -65,12 +65,73 @@ class Principals(Protocol):
     def remember_principal(self, generation: int, key_hash: str, row: Any) -> None: ...
 
 
+class StalePrincipal(Exception):
+    """A kept principal no longer matches the database: the unit of work is undone and run again."""
+
+
+class Unconfirmed:
+    """Principals a process keeps without being told of other processes' writes (PostgreSQL).
+
+    A mutation authenticates with the kept principal, and its unit of work reads the key's
+    principal again in the same round trip as its first read (``Tx.key_principal_later``), then
+    compares before it commits (``Mutations.execute``): a key revoked, or an environment's
+    sandbox clock moved, by any process before that read makes the unit of work roll back and
+    run again with the principal read afresh. So a kept principal never outlives a change that
+    committed before the request's first statement, exactly like a lookup of its own.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._rows: dict[str, dict[str, Any]] = {}
+
+    def get(self, key_hash: str) -> dict[str, Any] | None:
+        return self._rows.get(key_hash)
+
+    def put(self, key_hash: str, row: dict[str, Any]) -> None:
+        if len(self._rows) >= self.max_entries:
+            self._rows.clear()
+        self._rows[key_hash] = row
+
+    def forget(self, key_hash: str) -> None:
+        self._rows.pop(key_hash, None)
+
+
+# What a unit of work confirms before it commits: the key's hash and the principal it ran with.
+Confirm = tuple[str, dict[str, Any]]
+
+
 class Authenticator:
     def __init__(self, db: Database, operator_key: str | None, limiter: RateLimiter) -> None:
         self.db = db
         self.operator_key = operator_key
         self.limiter = limiter
         self.principals: Principals | None = None
+        self.unconfirmed: Unconfirmed | None = None
+
+    def unit_context(self, header: str | None, request_id: str, scopes: Iterable[str],
+                     ) -> tuple[Ctx, Confirm | None]:
+        """``context`` for a request whose unit of work confirms a kept principal (see ``Unconfirmed``).
+
+        The second item is what the unit of work must confirm, None when the principal was just
+        read. A refusal (401, 403, 429) is never answered from a kept principal: the key is read
+        afresh first, so the answer is the one a lookup of its own would give.
+        """
+        kept = self.unconfirmed
+        key = bearer(header)
+        if kept is None or not key.startswith(("qs_test_", "qs_live_")):
+            return self.context(header, request_id, scopes), None
+        key_hash = hash_key(key)
+        principal = kept.get(key_hash)
+        if principal is not None:
+            scopes = tuple(scopes)
+            try:
+                return self.authorize(principal, request_id, scopes), (key_hash, principal)
+            except (Unauthenticated, Forbidden, RateLimited):
+                kept.forget(key_hash)
+        with self.db.reader() as tx:
+            principal = tenants.authenticate(tx, key)
+        kept.put(key_hash, principal)
+        return self.authorize(principal, request_id, scopes), None
 
     def context(self, header: str | None, request_id: str, scopes: Iterable[str]) -> Ctx:
         """The caller's context, if its key is valid and holds one of ``scopes`` (or admin)."""

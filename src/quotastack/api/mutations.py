@@ -26,6 +26,7 @@ from ..service.codec import dumps as dumps_column
 from ..service.codec import integer
 from ..service.context import Ctx
 from ..service.ports import Database, Tx
+from .auth import Confirm, StalePrincipal
 from .render import dumps, error_of
 
 STORED_CODES = frozenset({"insufficient_balance", "invalid_state", "subscription_exists"})
@@ -151,14 +152,33 @@ class Mutations:
         return outcome
 
     def execute(self, ctx: Ctx, key: str | None, print_: str, work: Work, status: int, method: str,
-                path: str, object_ids: list[str]) -> Outcome:
+                path: str, object_ids: list[str], confirm: Confirm | None = None) -> Outcome:
+        """Run ``work`` in one unit of work, with its idempotency and audit records.
+
+        ``confirm``: the kept principal ``ctx`` was made from (``auth.Unconfirmed``). The key's
+        principal is read again with the unit of work's first read, and on any outcome the unit
+        of work raises ``StalePrincipal`` (rolling back) unless it is still the same.
+        """
         with self.claim(ctx, key), self.db.transaction() as tx:
-            outcome = self.once(tx, ctx, key, print_, work, status)
+            later = tx.key_principal_later(confirm[0]) if confirm is not None else None
+            try:
+                outcome = self.once(tx, ctx, key, print_, work, status)
+            except QuotaStackError:
+                if later is not None and confirm is not None:
+                    _confirm(later(), confirm[1])
+                raise
             if not outcome.replayed and outcome.status < 300:
                 # The path's object and the result's id are often the same object: name it once.
                 ids = list(dict.fromkeys(object_ids + ids_in(outcome.result)))
                 audit(tx, ctx, method, path, ids, outcome.status)
+            if later is not None and confirm is not None:
+                _confirm(later(), confirm[1])
         return outcome
+
+
+def _confirm(current: Any, kept: dict[str, Any]) -> None:
+    if current is None or dict(current) != kept:
+        raise StalePrincipal
 
 
 def ids_in(result: Any) -> list[str]:

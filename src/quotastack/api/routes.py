@@ -21,7 +21,7 @@ from ..service.context import Ctx
 from ..service.ports import Database, Tx
 from ..service.subscriptions import ensure_subscription
 from . import schemas
-from .auth import Authenticator, now_us
+from .auth import Authenticator, StalePrincipal, now_us
 from .edge import Metrics
 from .mutations import Mutations, fingerprint, idempotency_key, parse_json, validate
 from .render import JSON, error_of
@@ -66,15 +66,25 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
             # Authentication, parsing and the unit of work in one call of db.run: on PostgreSQL
             # that is one hop to a store thread, whose connection reads the key and then runs
             # the transaction; the event loop never waits on the database.
-            ctx = ctx_for(request, scope)
+            # A kept principal (PostgreSQL) is confirmed inside the unit of work; if it was stale,
+            # everything is undone and run again with the key read afresh.
+            header = request.headers.get("authorization")
+            ctx, confirm = auth.unit_context(header, rid(request), (scope,))
             data = validate(model, parse_json(raw)) if model else _empty(raw)
             key = idempotency_key(request.headers.get("idempotency-key"))
             if model is schemas.UsageIn:
                 key = _usage_key(key, data)
             # The fingerprint matters only to a stored key (hashing a batch's body is not free).
             print_ = fingerprint(method, path, data) if key is not None else ""
-            return mutations.execute(ctx, key, print_, lambda tx: work(tx, ctx, data), status, method, path,
-                                     list(object_ids))
+            try:
+                return mutations.execute(ctx, key, print_, lambda tx: work(tx, ctx, data), status, method,
+                                         path, list(object_ids), confirm)
+            except StalePrincipal:
+                assert confirm is not None and auth.unconfirmed is not None
+                auth.unconfirmed.forget(confirm[0])
+                fresh = ctx_for(request, scope)  # read afresh, confirmed by nothing else
+                return mutations.execute(fresh, key, print_, lambda tx: work(tx, fresh, data), status, method,
+                                         path, list(object_ids))
 
         outcome = await db.run(unit)
         headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None

@@ -34,6 +34,10 @@ class Features:
         self._env_id = env_id
         self._cache: dict[str, Feature | None] = {}
 
+    def known(self, key: str, feature: Feature | None) -> None:
+        """Take ``key``'s feature (None: it does not exist) as read elsewhere in this unit of work."""
+        self._cache[key] = feature
+
     def find(self, key: str) -> Feature | None:
         if key not in self._cache:
             row = self._tx.get("features", env_id=self._env_id, key=key)
@@ -57,6 +61,29 @@ class Features:
     def precision(self, key: str) -> int:
         feature = self.find(key)
         return feature.precision if feature else 0
+
+
+def feature_in(row: Row, prefix: str) -> Feature | None:
+    """The feature in ``row``'s columns named ``prefix`` + column (``Tx.usage_state``); None if NULL."""
+    if row[prefix + "key"] is None:
+        return None
+    return Feature.from_row({c: row[prefix + c] for c in ("key", "type", "precision", "unit", "credit_pool",
+                                                           "credits_per_unit")})
+
+
+def terms_in(row: Row, variant_id: str | None, feature: Feature) -> Terms:
+    """``plan_terms`` from ``row``'s ``eo_*`` and ``ep_*`` columns (``Tx.usage_state``)."""
+    if variant_id is None:
+        return Terms(None, None)
+    own, pool = (_entitlement_in(row, "eo_"), _entitlement_in(row, "ep_") if feature.credit_pool else None)
+    return Terms(own, pool)
+
+
+def _entitlement_in(row: Row, prefix: str) -> Row | None:
+    if row[prefix + "variant_id"] is None:
+        return None
+    n = len(prefix)
+    return {c[n:]: v for c, v in row.items() if c.startswith(prefix)}
 
 
 def cost(features: Features, feature: Feature, units: int) -> tuple[Feature, int]:

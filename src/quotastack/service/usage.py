@@ -15,7 +15,7 @@ from . import views
 from .accounts import Account, Loaded, Pending, load_accounts
 from .codec import dumps
 from .context import Ctx
-from .features import Feature, Features, Terms, cost, metered, plan_terms
+from .features import Feature, Features, Terms, cost, feature_in, metered, plan_terms, terms_in
 from .ports import Row, Tx
 from .subscriptions import ensure_subscription
 
@@ -64,11 +64,39 @@ def _usage(ctx: Ctx, data: dict[str, Any], feature: Feature, charged: Feature, u
 
 
 def record_usage(tx: Tx, ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
-    usage = prepare(Features(tx, ctx.env_id), ctx, data)
-    sub = ensure_subscription(tx, ctx, usage.end_user_id)
-    terms = plan_terms(tx, sub and sub["variant_id"], usage.feature)
+    """One usage event: lock the end user, read its state in one statement, charge it.
+
+    ``Tx.usage_state`` reads the feature, the subscription, the plan's terms and the account
+    together, after the end user's lock. When the subscription has a boundary due, or the end
+    user starts on the default plan, those writes come first (``ensure_subscription``, which may
+    grant blocks), and the terms and the account are read again after them, as any other
+    request does. A refused or invalid usage rolls back with its unit of work (the lock's
+    upsert included), so the lock taken before the checks leaves nothing behind.
+    """
+    end_user_id = data["end_user_id"]
+    tx.lock_end_user(ctx.env_id, end_user_id, ctx.now_us)
+    state, blocks = tx.usage_state(ctx.env_id, end_user_id, data["feature_key"])
+    features = Features(tx, ctx.env_id)
+    feature = None if state is None else feature_in(state, "f_")
+    features.known(data["feature_key"], feature)
+    if feature is not None and feature.credit_pool is not None:
+        features.known(feature.credit_pool, feature_in(state, "p_"))  # type: ignore[arg-type]
+    usage = prepare(features, ctx, data)
+    assert state is not None  # prepare refuses an unknown feature
+    terms: Terms | None = None
+    sub_id, due_us = state["s_id"], state["s_next_due_us"]
+    if sub_id is not None and (due_us is None or due_us > ctx.now_us):
+        terms = terms_in(state, state["s_variant_id"], usage.feature)
+    elif sub_id is None and not state["default_plan"]:
+        terms = Terms(None, None)
+    loaded: Loaded | None = None
+    if terms is None:
+        sub = ensure_subscription(tx, ctx, end_user_id)
+        terms = plan_terms(tx, sub and sub["variant_id"], usage.feature)
+    else:
+        loaded = Loaded(blocks, int(state["held_reserved"] or 0), state["held_first_expiry_us"])
     terms.require_enabled(usage.feature)
-    account = Account(tx, ctx, usage.end_user_id, usage.charged.key, usage.charged.precision)
+    account = Account(tx, ctx, end_user_id, usage.charged.key, usage.charged.precision, loaded)
     return charge(tx, ctx, usage, terms, account)
 
 

@@ -14,12 +14,15 @@ Several API processes may share one database. Correctness comes from three thing
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import psycopg
@@ -27,7 +30,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 
 from ..service.ports import Row
-from .sql import SqlTx, _to_pyformat
+from .sql import _KEY_PRINCIPAL, SqlTx, _to_pyformat
 
 T = TypeVar("T")
 RETRYABLE = (errors.SerializationFailure, errors.DeadlockDetected, errors.UniqueViolation)
@@ -37,18 +40,128 @@ MAX_ATTEMPTS = 8
 PREPARED_MAX = 512
 
 
+class Cork:
+    """Holds a connection's queued statements in the kernel until the unit of work waits for an answer.
+
+    psycopg's pipeline sends every statement as soon as it is queued: one TCP segment each, and
+    on loopback each segment wakes the backend to read it. With ``TCP_CORK`` set on the
+    connection's socket while a unit of work queues, the kernel holds them, and they leave as
+    one segment when the cork comes off: before every read's wait (``PgTx``) and before the
+    commit's. The backend then reads a round trip's statements at once. Where there is no
+    ``TCP_CORK`` (another system, a Unix socket) this does nothing.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._sock: socket.socket | None = None
+        option = getattr(socket, "TCP_CORK", None)
+        if option is None:
+            return
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))  # the same socket, under a second fd
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            sock.close()
+            return
+        self._sock, self._option = sock, option
+
+    def on(self) -> None:
+        if self._sock is not None:
+            self._sock.setsockopt(socket.IPPROTO_TCP, self._option, 1)
+
+    def off(self) -> None:
+        """Send what is held, now."""
+        if self._sock is not None:
+            self._sock.setsockopt(socket.IPPROTO_TCP, self._option, 0)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 class PgTx(SqlTx):
     # Code-point order, as Python sorts ids (``advance_due``, the sweep): one lock order for all.
     _LOCK_IN_ORDER = ' ORDER BY end_user_id COLLATE "C" FOR UPDATE'
 
-    # ``lock_end_user`` on PostgreSQL: an upsert whose update changes nothing still locks the
-    # existing row like an ``UPDATE`` (waiting for any other holder, then seeing its committed
-    # row), and on first mention the inserted row is locked as new: create and lock in one
-    # statement. It returns nothing to wait for, so in pipeline mode it goes to the server with
-    # the next read, which runs after the lock is held. It conflicts with ``SELECT … FOR UPDATE``
-    # on the same row (the sweep and batches), so every path that changes an end user's balances
-    # still takes one lock per end user.
-    _ON_EXISTING_END_USER = "DO UPDATE SET created_at_us = end_users.created_at_us"
+    # ``lock_end_user`` on PostgreSQL: an upsert whose ``DO UPDATE`` has a ``WHERE`` that is never
+    # true locks the existing row as its update would (``FOR NO KEY UPDATE``: waiting for any
+    # other holder, then seeing its committed row) and writes nothing to it, and on first mention
+    # the inserted row is locked as new: create and lock in one statement. (Without the ``WHERE``
+    # every lock wrote a new row version; with it, waiters queue on the tuple's lock.) It
+    # returns nothing to wait for, so in pipeline mode it goes to the server with the next read,
+    # which runs after the lock is held. It conflicts with ``SELECT … FOR UPDATE`` on the same row
+    # (the sweep and batches), so every path that changes an end user's balances still takes one
+    # lock per end user.
+    _ON_EXISTING_END_USER = "DO UPDATE SET created_at_us = end_users.created_at_us WHERE false"
+
+    def __init__(self, cursor: Any, paramstyle: str = "named", cork: Cork | None = None) -> None:
+        super().__init__(cursor, paramstyle)
+        self._cork = cork
+        # Inserts and updates not sent yet: (kind, table, value columns, where columns, values).
+        self._held: list[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[Any, ...]]] = []
+
+    # ---- writes held back, sent as one statement ---------------------------------------------
+    #
+    # Consecutive ``insert`` and ``update`` calls are held and sent as one statement (data-
+    # modifying ``WITH`` parts, see ``_held_sql``) just before the next statement of any other
+    # kind, or the commit: a usage's block update and its three inserts are one statement, not
+    # four. The parts of one statement all run on the snapshot taken before it, so none sees
+    # another's rows: an update of a table already written by a held part is sent only after
+    # those (``update``); inserts only add rows, which no other held part looks at.
+
+    def insert(self, table: str, row: Mapping[str, Any]) -> None:
+        self._wrote(table, (row,))
+        self._ahead = None
+        self._held.append(("insert", table, tuple(row), (), tuple(row.values())))
+
+    def update(self, table: str, where: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+        if any(held[1] == table for held in self._held):
+            self.send_held()
+        self._wrote(table)
+        self._ahead = None
+        self._held.append(("update", table, tuple(values), tuple(where),
+                           tuple(values.values()) + tuple(where.values())))
+
+    def send_held(self) -> None:
+        """Queue the held writes, as one statement, ahead of anything sent after them."""
+        held = self._held
+        if not held:
+            return
+        self._held = []
+        sql = _held_sql(tuple((kind, table, cols, where) for kind, table, cols, where, _ in held))
+        self._cur.execute(sql, [value for *_, values in held for value in values])
+
+    def insert_many(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.send_held()
+        super().insert_many(table, rows)
+
+    def set_remaining(self, pairs: Sequence[tuple[str, int]]) -> None:
+        self.send_held()
+        super().set_remaining(pairs)
+
+    @contextmanager
+    def _answer(self) -> Iterator[None]:
+        """Around waiting for an answer: what is held goes out first (see ``Cork``)."""
+        if self._cork is None:
+            yield
+            return
+        self._cork.off()
+        try:
+            yield
+        finally:
+            self._cork.on()
+
+    def all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+        cur = self.execute(sql, params)
+        with self._answer():
+            return list(cur.fetchall())
+
+    def one(self, sql: str, params: Mapping[str, Any] | None = None) -> Row | None:
+        cur = self.execute(sql, params)
+        with self._answer():
+            return cur.fetchone()  # type: ignore[no-any-return]
+
+    def scalar(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        row = self.one(sql, params)
+        return None if row is None else next(iter(row.values()))
 
     def delete_idempotency_older_than(self, cutoff_us: int) -> int:
         # Counted by a read: in pipeline mode a cursor's rowcount is not known until later.
@@ -59,6 +172,7 @@ class PgTx(SqlTx):
     _ahead: tuple[tuple[int, str], Row | None] | None = None
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        self.send_held()
         self._ahead = None  # anything else done in between makes the read-ahead stale
         return super().execute(sql, params)
 
@@ -77,12 +191,34 @@ class PgTx(SqlTx):
         with claim.connection.cursor() as ahead:
             ahead.execute(_to_pyformat("SELECT * FROM idempotency_keys WHERE env_id = :e AND key = :k"),
                           {"e": env_id, "k": key})
-            row = claim.fetchone()  # one round trip for both: the pipeline sends them together
-            assert row is not None
-            stored = ahead.fetchone()
+            with self._answer():
+                row = claim.fetchone()  # one round trip for both: the pipeline sends them together
+                assert row is not None
+                stored = ahead.fetchone()
         if row["ok"]:
             self._ahead = ((env_id, key), stored)
         return bool(row["ok"])
+
+    def key_principal_later(self, key_hash: str) -> Callable[[], Row | None]:
+        """Queue ``key_principal`` on a cursor of its own; it travels with the next read.
+
+        At READ COMMITTED the statement sees every change committed before it runs, which is
+        after the unit of work began; its answer is collected when asked for, by then (almost
+        always) without a round trip of its own.
+        """
+        self.send_held()
+        cur = self._cur.connection.cursor()
+        cur.execute(_to_pyformat(_KEY_PRINCIPAL), {"h": key_hash})
+
+        def answer() -> Row | None:
+            try:
+                if cur.pgresult is not None:  # it came back with an earlier read: nothing to wait for
+                    return cur.fetchone()  # type: ignore[no-any-return]
+                with self._answer():
+                    return cur.fetchone()  # type: ignore[no-any-return]
+            finally:
+                cur.close()
+        return answer
 
     def get(self, table: str, **where: Any) -> Row | None:
         ahead, self._ahead = self._ahead, None
@@ -90,6 +226,24 @@ class PgTx(SqlTx):
                 and ahead[0] == (where["env_id"], where["key"]):
             return ahead[1]
         return super().get(table, **where)
+
+
+@lru_cache(maxsize=512)
+def _held_sql(shape: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]) -> str:
+    """One statement for held writes of this shape: ``WITH w0 AS (…), w1 AS (…) <the last>``.
+
+    Placeholders are positional, in the order of the parts and of each part's columns.
+    """
+    parts = []
+    for kind, table, cols, where in shape:
+        if kind == "insert":
+            parts.append(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})")
+        else:
+            parts.append(f"UPDATE {table} SET {', '.join(f'{c} = %s' for c in cols)} "
+                         f"WHERE {' AND '.join(f'{c} = %s' for c in where)}")
+    if len(parts) == 1:
+        return parts[0]
+    return "WITH " + ", ".join(f"w{i} AS ({part})" for i, part in enumerate(parts[:-1])) + " " + parts[-1]
 
 
 class PostgresDatabase:
@@ -108,6 +262,7 @@ class PostgresDatabase:
         self.url = url
         self._local = threading.local()
         self._all: list[psycopg.Connection[Any]] = []
+        self._corks: dict[int, Cork] = {}  # by id() of the connection in ``_all`` it belongs to
         self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="quotastack-db")
 
@@ -123,22 +278,55 @@ class PostgresDatabase:
         conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row)
         conn.prepared_max = PREPARED_MAX
         self._local.conn = conn
+        self._local.cork = cork = Cork(conn)
         with self._lock:
             self._all.append(conn)
+            self._corks[id(conn)] = cork
         return conn
 
     def _forget(self, conn: psycopg.Connection[Any]) -> None:
         with self._lock:
             if conn in self._all:
                 self._all.remove(conn)
+            cork = self._corks.pop(id(conn), None)
         conn.close()
+        if cork is not None:
+            cork.close()
         self._local.conn = None
 
     @contextmanager
     def transaction(self) -> Iterator[PgTx]:
+        """``BEGIN`` … ``COMMIT``, both queued in the pipeline like any write.
+
+        ``BEGIN`` travels with the unit of work's first read and ``COMMIT`` with its trailing
+        writes. (psycopg's ``conn.transaction()`` in pipeline mode syncs right after ``BEGIN``: a
+        round trip for ``BEGIN`` alone.) A unit of work that raises queues ``ROLLBACK``; if an
+        error of the database aborted the pipeline, the server skips it and the transaction is
+        still open once the pipeline is synced: then psycopg's own ``rollback()`` ends it (and,
+        as after any error, forgets the connection's prepared statements).
+        """
         conn = self._connection()
-        with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
-            yield PgTx(cur, "pyformat")
+        cork: Cork = self._local.cork
+        try:
+            with conn.pipeline(), conn.cursor() as cur:
+                cork.on()
+                try:
+                    cur.execute("BEGIN")
+                    tx = PgTx(cur, "pyformat", cork)
+                    try:
+                        yield tx
+                    except BaseException:
+                        cur.execute("ROLLBACK")  # what it held back is dropped unsent
+                        raise
+                    tx.send_held()
+                    cur.execute("COMMIT")
+                finally:
+                    cork.off()  # before the pipeline's end waits for the commit's answer
+        except BaseException:
+            if not conn.closed and not conn.broken \
+                    and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            raise
 
     @contextmanager
     def reader(self) -> Iterator[PgTx]:
@@ -182,4 +370,7 @@ class PostgresDatabase:
             for conn in self._all:
                 conn.close()
             self._all.clear()
+            for cork in self._corks.values():
+                cork.close()
+            self._corks.clear()
         self._local = threading.local()

@@ -8,7 +8,7 @@ request.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from operator import itemgetter
@@ -208,6 +208,25 @@ class SqlTx:
                 f"AND r.end_user_id IN ({users}) AND r.charged_feature_key IN ({features}) AND r.status = 'held' "
                 "GROUP BY r.end_user_id, r.charged_feature_key", params)
         return blocks, held
+
+    def usage_state(self, env_id: int, end_user_id: str, feature_key: str) -> tuple[Row | None, list[Row]]:
+        """What a usage of ``feature_key`` reads, in one statement; run after ``lock_end_user``.
+
+        The head (None when the feature does not exist): the feature (``f_*`` columns) and its
+        credit pool (``p_*``), the end user's live subscription (``s_id``, ``s_variant_id``,
+        ``s_next_due_us``), whether a default plan would start for an end user without one
+        (``default_plan``), the plan's entitlement rows for the feature and for its pool
+        (``eo_*``, ``ep_*``: every column, NULL when absent) and what the end user's held
+        reservations of the charged feature hold (``held_reserved``, ``held_first_expiry_us``,
+        NULL when none). Then the charged feature's live blocks in creation order, each the
+        row ``account_states`` reads.
+        """
+        rows = self.all(_USAGE_STATE, {"e": env_id, "u": end_user_id, "k": feature_key, "yes": True})
+        if not rows:
+            return None, []
+        head = {c: rows[0][c] for c in _USAGE_HEAD}
+        blocks = [{c: row[c] for c in row if c not in _USAGE_HEAD} for row in rows if row["id"] is not None]
+        return head, blocks
 
     def entitlement_snapshot(self, env_id: int, end_user_id: str, feature_key: str, at_us: int) -> Row | None:
         """Everything the entitlement check needs, in one statement (the hot path).
@@ -411,7 +430,12 @@ class SqlTx:
         return int(self.scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM api_keys WHERE env_id = :e", {"e": env_id}))
 
     def key_principal(self, key_hash: str) -> Row | None:
-        return self.one(_PRINCIPALS + "WHERE k.key_hash = :h", {"h": key_hash})
+        return self.one(_KEY_PRINCIPAL, {"h": key_hash})
+
+    def key_principal_later(self, key_hash: str) -> Callable[[], Row | None]:
+        """``key_principal``, whose answer is collected later: here it is read at once."""
+        row = self.key_principal(key_hash)
+        return lambda: row
 
     def key_principals(self) -> list[Row]:
         """``key_principal`` of every key (revoked ones too), each with its ``key_hash``."""
@@ -493,6 +517,41 @@ _CHECK_SNAPSHOTS = (
     + "WHERE eu.env_id = :e AND eu.end_user_id > :after ORDER BY eu.end_user_id LIMIT :n"
 )
 
+# ``usage_state``: one row per live block of the charged feature (one with NULL block columns when
+# there is none), each with the same head. What held reservations hold is two scalar subqueries
+# (evaluated per row, and an end user has a handful of live blocks): a grouped derived table
+# joined instead cost SQLite a temporary index on every call.
+_FEATURE_COLUMNS = ("key", "type", "precision", "unit", "credit_pool", "credits_per_unit")
+_ENTITLEMENT_COLUMNS = ("variant_id", "feature_key", "position", "amount", "enabled", "unlimited", "priority",
+                        "max_balance", "overage", "reset", "rollover", "pricing")
+_USAGE_HEAD = (tuple(f"f_{c}" for c in _FEATURE_COLUMNS) + tuple(f"p_{c}" for c in _FEATURE_COLUMNS)
+               + ("s_id", "s_variant_id", "s_next_due_us", "default_plan")
+               + tuple(f"eo_{c}" for c in _ENTITLEMENT_COLUMNS) + tuple(f"ep_{c}" for c in _ENTITLEMENT_COLUMNS)
+               + ("held_reserved", "held_first_expiry_us"))
+_USAGE_STATE = (
+    "SELECT " + ", ".join(f"f.{c} AS f_{c}" for c in _FEATURE_COLUMNS) + ", "
+    + ", ".join(f"pf.{c} AS p_{c}" for c in _FEATURE_COLUMNS) + ", "
+    "s.id AS s_id, s.variant_id AS s_variant_id, s.next_due_us AS s_next_due_us, "
+    "CASE WHEN s.id IS NULL AND EXISTS (SELECT 1 FROM plans p JOIN plan_variants v ON v.plan_id = p.id "
+    "WHERE p.env_id = :e AND p.is_default = :yes) THEN 1 ELSE 0 END AS default_plan, "
+    + ", ".join(f"eo.{c} AS eo_{c}" for c in _ENTITLEMENT_COLUMNS) + ", "
+    + ", ".join(f"ep.{c} AS ep_{c}" for c in _ENTITLEMENT_COLUMNS) + ", "
+    "(SELECT COALESCE(SUM(h.amount), 0) FROM reservations r JOIN reservation_holds h ON h.reservation_id = r.id "
+    "WHERE r.env_id = :e AND r.end_user_id = :u AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) "
+    "AND r.status = 'held') AS held_reserved, "
+    "(SELECT MIN(r.expires_at_us + 0) FROM reservations r WHERE r.env_id = :e AND r.end_user_id = :u "
+    "AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) AND r.status = 'held') AS held_first_expiry_us, b.* "
+    "FROM features f "
+    "LEFT JOIN features pf ON pf.env_id = f.env_id AND pf.key = f.credit_pool "
+    "LEFT JOIN subscriptions s ON s.env_id = f.env_id AND s.end_user_id = :u AND s.live = :yes "
+    "LEFT JOIN variant_entitlements eo ON eo.variant_id = s.variant_id AND eo.feature_key = f.key "
+    "LEFT JOIN variant_entitlements ep ON ep.variant_id = s.variant_id AND ep.feature_key = f.credit_pool "
+    "LEFT JOIN blocks b ON b.env_id = f.env_id AND b.end_user_id = :u "
+    "AND b.feature_key = COALESCE(f.credit_pool, f.key) AND b.status IN ('active', 'scheduled', 'frozen') "
+    "WHERE f.env_id = :e AND f.key = :k ORDER BY b.seq"
+)
+
+_KEY_PRINCIPAL = _PRINCIPALS + "WHERE k.key_hash = :h"
 
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 
