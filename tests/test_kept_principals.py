@@ -8,13 +8,16 @@ next request to the other, as if each request looked its key up on its own.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
 
 from .conftest import Api, new_tenant
-from .serving import Running, database_url, engines, serve
+from quotastack.api.app import Settings
+
+from .serving import OPERATOR_KEY, Running, database_url, engines, serve
 
 pytestmark = pytest.mark.skipif("postgresql" not in engines(), reason="PostgreSQL is not among the engines")
 
@@ -81,3 +84,52 @@ def test_the_sandbox_clock_moved_in_another_process_dates_the_next_mutation(two:
     assert 0 <= (created - now).total_seconds() < 60
     for api in (admin_there, tenant.sandbox, tenant.live):
         api.close()
+
+
+def test_a_revoked_key_is_refused_for_the_key_before_its_request_is_refused(two: tuple[Running, Running]) -> None:
+    """Found by trying to break it: a malformed body or Idempotency-Key was refused with 400 from
+    the kept principal of a key another process had revoked (a process that never saw the key
+    answered 401). The key is read afresh before any refusal made ahead of the unit of work."""
+    first, second = two
+    tenant = new_tenant(first.base_url)
+    admin_there = Api(second.base_url, tenant.created["api_keys"][0]["key"])
+    tenant.sandbox.ok("POST", "/v1/features", {"key": "tokens"}, 201)
+    tenant.sandbox.ok("POST", "/v1/grants", {"end_user_id": "u1", "feature_key": "tokens", "amount": 10}, 201)
+    minted = tenant.sandbox.ok("POST", "/v1/api_keys", {"name": "writer", "scopes": ["usage:write"]}, 201)
+    writer = Api(first.base_url, minted["key"])
+    assert usage(writer)[0] == 201
+    admin_there.ok("DELETE", f"/v1/api_keys/{minted['id']}")
+    assert writer.call("POST", "/v1/usage", content=b"{x").status == 401
+    body = {"end_user_id": "u1", "feature_key": "tokens", "units": 1}
+    assert writer.post("/v1/usage", {**body, "bogus": 1}).status == 401
+    assert writer.post("/v1/usage", body, headers={"Idempotency-Key": "k" * 300}).status == 401
+    for api in (writer, admin_there, tenant.sandbox, tenant.live):
+        api.close()
+
+
+def test_a_request_takes_one_token_of_its_rate_limit_however_its_key_is_confirmed() -> None:
+    """Found by trying to break it: a mutation rerun after another process moved the sandbox clock,
+    and a 403 from a kept principal, each took two tokens of the key's rate limit."""
+    url = database_url("postgresql", None)  # type: ignore[arg-type]
+    limited = Settings(operator_key=OPERATOR_KEY, rate_limit_per_second=5)  # bursts of 10
+    with serve(url, limited) as first, serve(url, limited) as second:
+        tenant = new_tenant(first.base_url)
+        admin_there = Api(second.base_url, tenant.created["api_keys"][0]["key"])
+        tenant.sandbox.ok("POST", "/v1/features", {"key": "tokens"}, 201)
+        tenant.sandbox.ok("POST", "/v1/grants", {"end_user_id": "u1", "feature_key": "tokens", "amount": 100}, 201)
+        minted = tenant.sandbox.ok("POST", "/v1/api_keys", {"name": "writer", "scopes": ["usage:write"]}, 201)
+        writer = Api(first.base_url, minted["key"])
+        assert usage(writer)[0] == 201  # kept by the first process from now on
+        time.sleep(2.2)  # a full bucket again
+        statuses = []
+        for _ in range(9):  # each usage reruns: the clock moved since the principal was kept
+            admin_there.ok("POST", "/v1/test_clock/advance", {"seconds": 60})
+            statuses.append(usage(writer)[0])
+        assert statuses == [201] * 9
+        time.sleep(2.2)
+        grants = [writer.post("/v1/grants", {"end_user_id": "u1", "feature_key": "tokens", "amount": 1}).status
+                  for _ in range(4)]
+        assert grants == [403] * 4
+        assert [usage(writer)[0] for _ in range(5)] == [201] * 5
+        for api in (writer, admin_there, tenant.sandbox, tenant.live):
+            api.close()

@@ -122,25 +122,35 @@ class Authenticator:
             return self.context(header, request_id, scopes), None
         key_hash = hash_key(key)
         principal = kept.get(key_hash)
+        refused: Exception | None = None
         if principal is not None:
             scopes = tuple(scopes)
             try:
                 return self.authorize(principal, request_id, scopes), (key_hash, principal)
-            except (Unauthenticated, Forbidden, RateLimited):
+            except (Unauthenticated, Forbidden, RateLimited) as exc:
                 kept.forget(key_hash)
+                refused = exc
         with self.db.reader() as tx:
             principal = tenants.authenticate(tx, key)
         kept.put(key_hash, principal)
-        return self.authorize(principal, request_id, scopes), None
+        if refused is None or isinstance(refused, Unauthenticated):
+            return self.authorize(principal, request_id, scopes), None
+        # The kept principal already spent this request's token (403) or found none (429): the
+        # key as read now answers, without taking another; a 429 stands if the key still holds.
+        ctx = self.authorize(principal, request_id, scopes, take=False)
+        if isinstance(refused, RateLimited):
+            raise refused
+        return ctx, None
 
-    def context(self, header: str | None, request_id: str, scopes: Iterable[str]) -> Ctx:
-        """The caller's context, if its key is valid and holds one of ``scopes`` (or admin)."""
+    def context(self, header: str | None, request_id: str, scopes: Iterable[str], take: bool = True) -> Ctx:
+        """The caller's context, if its key is valid and holds one of ``scopes`` (or admin).
+        ``take=False``: the request already took its rate limit's token."""
         key = bearer(header)
         kept = self.principals
         if kept is None:
             with self.db.reader() as tx:
                 principal = tenants.authenticate(tx, key)
-            return self.authorize(principal, request_id, scopes)
+            return self.authorize(principal, request_id, scopes, take=take)
         key_hash = hash_key(key)
         principal = kept.principal(key_hash)
         if principal is None:
@@ -148,24 +158,25 @@ class Authenticator:
             with self.db.reader() as tx:
                 principal = tenants.authenticate(tx, key)
             kept.remember_principal(generation, key_hash, principal)
-        return self.authorize(principal, request_id, scopes)
+        return self.authorize(principal, request_id, scopes, take=take)
 
-    def permit(self, principal: Any, scopes: Iterable[str]) -> frozenset[str]:
-        """Refuse an unknown or revoked key, one over its rate, or one without any of ``scopes``
-        (or admin); else the key's scopes."""
+    def permit(self, principal: Any, scopes: Iterable[str], take: bool = True) -> frozenset[str]:
+        """Refuse an unknown or revoked key, one over its rate (a token taken unless ``take`` is
+        false), or one without any of ``scopes`` (or admin); else the key's scopes."""
         if principal is None or principal["revoked_at_us"] is not None:
             raise Unauthenticated("unknown or revoked API key")
         held = _scopes(principal["scopes"])
-        self.limiter.take(principal["key_id"])
+        if take:
+            self.limiter.take(principal["key_id"])
         needed = tuple(scopes)
         if "admin" not in held and not any(s in held for s in needed):
             raise Forbidden(f"this key lacks the scope {needed[0]!r} for this call")
         return held
 
     def authorize(self, principal: Any, request_id: str, scopes: Iterable[str], real_now_us: int | None = None,
-                  ) -> Ctx:
+                  take: bool = True) -> Ctx:
         """A principal row (``Tx.key_principal`` or ``Tx.check_snapshot``) as a context, or refused."""
-        held = self.permit(principal, scopes)
+        held = self.permit(principal, scopes, take)
         real = now_us() if real_now_us is None else real_now_us
         return Ctx(principal["tenant_id"], principal["env_id"], principal["kind"], principal["key_id"], held,
                    real + principal["clock_offset_us"], request_id)

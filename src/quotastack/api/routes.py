@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from pydantic import BaseModel
 
 from ..domain import periods
-from ..domain.errors import InvalidRequest, NotFound, QuotaStackError
+from ..domain.errors import IdempotencyKeyInUse, InvalidRequest, NotFound, QuotaStackError
 from ..service import (
     catalog, clock, credits, entitlements, queries, refunds, reservations, subscriptions, summaries, tenants, usage,
 )
@@ -70,19 +70,34 @@ def build_router(db: Database, auth: Authenticator, mutations: Mutations, metric
             # everything is undone and run again with the key read afresh.
             header = request.headers.get("authorization")
             ctx, confirm = auth.unit_context(header, rid(request), (scope,))
-            data = validate(model, parse_json(raw)) if model else _empty(raw)
-            key = idempotency_key(request.headers.get("idempotency-key"))
-            if model is schemas.UsageIn:
-                key = _usage_key(key, data)
+
+            def afresh() -> Ctx:
+                """The key read now: its own refusal (401, 403) comes before any other answer.
+                This request's rate-limit token is already taken."""
+                if confirm is not None and auth.unconfirmed is not None:
+                    auth.unconfirmed.forget(confirm[0])
+                return auth.context(header, rid(request), (scope,), take=False)
+
+            try:
+                data = validate(model, parse_json(raw)) if model else _empty(raw)
+                key = idempotency_key(request.headers.get("idempotency-key"))
+                if model is schemas.UsageIn:
+                    key = _usage_key(key, data)
+            except QuotaStackError:
+                if confirm is not None:  # answered before the unit of work could confirm the key
+                    afresh()
+                raise
             # The fingerprint matters only to a stored key (hashing a batch's body is not free).
             print_ = fingerprint(method, path, data) if key is not None else ""
             try:
                 return mutations.execute(ctx, key, print_, lambda tx: work(tx, ctx, data), status, method,
                                          path, list(object_ids), confirm)
+            except IdempotencyKeyInUse:
+                if confirm is not None:  # this process's claim answers before the unit of work
+                    afresh()
+                raise
             except StalePrincipal:
-                assert confirm is not None and auth.unconfirmed is not None
-                auth.unconfirmed.forget(confirm[0])
-                fresh = ctx_for(request, scope)  # read afresh, confirmed by nothing else
+                fresh = afresh()  # confirmed by nothing else
                 return mutations.execute(fresh, key, print_, lambda tx: work(tx, fresh, data), status, method,
                                          path, list(object_ids))
 
