@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from quotastack.service.context import Ctx
 
 from .serving import database_url, serve
 from .conftest import (OPERATOR_KEY, Api, Server, Tenant, assert_conserved, assert_error, balance_of, feature, grant,
-                       ledger, new_tenant, subscribe, use, variant)
+                       instant, ledger, new_tenant, rfc3339, subscribe, use, variant)
 
 # ---- 400 invalid_request ----------------------------------------------------------------------------------
 
@@ -187,6 +189,32 @@ def test_the_test_clock_is_sandbox_only(tenant: Tenant) -> None:
     assert error["type"] == "permission_error"
     assert_error(tenant.live.post("/v1/test_clock/advance", {"seconds": 60}), 403, "forbidden_in_live")
     assert tenant.sandbox.ok("GET", "/v1/test_clock")["advanced_seconds"] == 0
+
+
+def test_concurrent_clock_advances_add_up_and_never_move_the_clock_back(server: Server, tenant: Tenant) -> None:
+    """Found by trying to break it (two processes on PostgreSQL): each advance read the clock and
+    wrote its own result, so concurrent ones were lost (four advances of 1,000 s moved it 2,000 to
+    3,000 s) and a ``to`` behind another could land after it. The environment is locked now."""
+    key = tenant.created["api_keys"][0]["key"]
+
+    def post(body: dict[str, Any]) -> int:
+        own = Api(server.base_url, key)
+        try:
+            return own.post("/v1/test_clock/advance", body).status
+        finally:
+            own.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        for round_ in range(3):
+            assert list(pool.map(post, [{"seconds": 1000}] * 4)) == [200] * 4
+            assert tenant.sandbox.ok("GET", "/v1/test_clock")["advanced_seconds"] == 4000 * (round_ + 1)
+        for _ in range(3):
+            start = instant(tenant.sandbox.ok("GET", "/v1/test_clock")["now"])
+            ahead, behind = start + timedelta(hours=10), start + timedelta(hours=5)
+            statuses = list(pool.map(post, [{"to": rfc3339(ahead)}, {"to": rfc3339(behind)}]))
+            assert statuses[0] == 200 and statuses[1] in (200, 400)
+            now = instant(tenant.sandbox.ok("GET", "/v1/test_clock")["now"])
+            assert ahead <= now < ahead + timedelta(minutes=1)
 
 
 def test_the_test_clock_moves_forward_only(api: Api) -> None:

@@ -500,7 +500,8 @@ def advance_directly(db: Any, tenant: Any, seconds: int) -> None:
     env = other_env(db, tenant.created)
     with db.transaction() as tx:
         offset = tx.get("environments", id=env)["clock_offset_us"]
-        ctx = Ctx(tenant.id, env, "sandbox", None, frozenset({"admin"}), time.time_ns() // 1000 + offset, "req_other")
+        ctx = Ctx(tenant.id, env, "sandbox", None, frozenset({"admin"}), time.time_ns() // 1000 + offset, "req_other",
+                  offset)
         clock.advance(tx, ctx, {"seconds": seconds})
 
 

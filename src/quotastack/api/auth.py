@@ -179,7 +179,7 @@ class Authenticator:
         held = self.permit(principal, scopes, take)
         real = now_us() if real_now_us is None else real_now_us
         return Ctx(principal["tenant_id"], principal["env_id"], principal["kind"], principal["key_id"], held,
-                   real + principal["clock_offset_us"], request_id)
+                   real + principal["clock_offset_us"], request_id, principal["clock_offset_us"])
 
     def operator(self, header: str | None) -> None:
         key = bearer(header)

@@ -6,6 +6,7 @@ clock moves expiry, windows and TTLs together. Live environments have no clock t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ..domain import periods
@@ -38,6 +39,13 @@ def advance(tx: Tx, ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
     _sandbox_only(ctx)
     if ("seconds" in data) == ("to" in data):
         raise InvalidRequest("give exactly one of seconds or to", "seconds")
+    # Locked, and read afresh: an advance that committed since this request's key was read has
+    # moved the clock, and one running meanwhile waits (concurrent advances add up; none moves
+    # the clock back).
+    env = tx.lock_environment(ctx.env_id)
+    assert env is not None
+    ctx = replace(ctx, now_us=ctx.now_us - ctx.clock_offset_us + env["clock_offset_us"],
+                  clock_offset_us=env["clock_offset_us"])
     if "seconds" in data:
         seconds = data["seconds"]
         if isinstance(seconds, bool) or not isinstance(seconds, int) or not 0 <= seconds <= MAX_ADVANCE_SECONDS:
@@ -47,11 +55,9 @@ def advance(tx: Tx, ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
         target_us = periods.parse_rfc3339(data["to"], "to")
         if target_us < ctx.now_us:
             raise InvalidRequest("the test clock never moves backwards", "to")
-    env = tx.get("environments", id=ctx.env_id)
-    assert env is not None
     offset_us = env["clock_offset_us"] + (target_us - ctx.now_us)
     tx.update("environments", {"id": ctx.env_id}, {"clock_offset_us": offset_us})
-    later = ctx.at(target_us)
+    later = replace(ctx, now_us=target_us, clock_offset_us=offset_us)
     # Every boundary up to the new instant, in order: renewals, resets, rollovers, trial ends,
     # scheduled changes, then the expiries and reservation releases that are due.
     advance_due(tx, later, limit=1_000_000)

@@ -80,6 +80,7 @@ class Cork:
 class PgTx(SqlTx):
     # Code-point order, as Python sorts ids (``advance_due``, the sweep): one lock order for all.
     _LOCK_IN_ORDER = ' ORDER BY end_user_id COLLATE "C" FOR UPDATE'
+    _FOR_UPDATE = " FOR UPDATE"
 
     # ``lock_end_user`` on PostgreSQL: an upsert whose ``DO UPDATE`` has a ``WHERE`` that is never
     # true locks the existing row as its update would (``FOR NO KEY UPDATE``: waiting for any

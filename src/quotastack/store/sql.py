@@ -146,6 +146,7 @@ class SqlTx:
     # What ``lock_end_user``'s upsert does to an end user who exists: on SQLite nothing (the write
     # transaction already excludes every other writer).
     _ON_EXISTING_END_USER = "DO NOTHING"
+    _FOR_UPDATE = ""  # a transaction holds SQLite's write lock from its BEGIN IMMEDIATE
 
     def lock_end_user(self, env_id: int, end_user_id: str, now_us: int) -> None:
         """Create the end user on first mention and serialise balance changes per end user."""
@@ -428,6 +429,11 @@ class SqlTx:
 
     def next_key_seq(self, env_id: int) -> int:
         return int(self.scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM api_keys WHERE env_id = :e", {"e": env_id}))
+
+    def lock_environment(self, env_id: int) -> Row | None:
+        """The environment's row, locked until the unit of work ends (SQLite's write lock already
+        is; PostgreSQL: ``FOR UPDATE``)."""
+        return self.one("SELECT * FROM environments WHERE id = :e" + self._FOR_UPDATE, {"e": env_id})
 
     def key_principal(self, key_hash: str) -> Row | None:
         return self.one(_KEY_PRINCIPAL, {"h": key_hash})
