@@ -50,7 +50,8 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
-def children(ppid: int) -> list[int]:
+def _processes_where(field: int, value: int) -> list[int]:
+    """The pids whose ``/proc/PID/stat`` field (counted after the command name) equals ``value``."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -58,22 +59,17 @@ def children(ppid: int) -> list[int]:
                 fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             except (FileNotFoundError, ProcessLookupError):
                 continue
-            if int(fields[1]) == ppid:
+            if int(fields[field]) == value:
                 out.append(int(entry))
     return out
+
+
+def children(ppid: int) -> list[int]:
+    return _processes_where(1, ppid)
 
 
 def session(sid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if int(fields[3]) == sid:  # session id
-                out.append(int(entry))
-    return out
+    return _processes_where(3, sid)  # session id
 
 
 def postmaster(url: str) -> int:

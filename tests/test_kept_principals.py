@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import pytest
 
-from .conftest import Api, new_tenant
 from quotastack.api.app import Settings
 
+from .conftest import Api, Tenant, new_tenant
 from .serving import OPERATOR_KEY, Running, database_url, engines, serve
 
 pytestmark = pytest.mark.skipif("postgresql" not in engines(), reason="PostgreSQL is not among the engines")
@@ -34,14 +35,21 @@ def usage(api: Api, units: int = 1) -> tuple[int, dict[str, object]]:
     return reply.status, reply.body
 
 
-def test_a_key_revoked_in_another_process_is_refused_by_the_next_mutation(two: tuple[Running, Running]) -> None:
-    first, second = two
+def with_writer(first: Running, second: Running, scopes: tuple[str, ...] = ("usage:write",),
+                ) -> tuple[Tenant, Api, dict[str, Any], Api]:
+    """A new tenant whose sandbox has ``tokens`` and 10 of them for u1; a client of its admin key
+    on the second process; a key minted with ``scopes``, and a client of the first process with it."""
     tenant = new_tenant(first.base_url)
     admin_there = Api(second.base_url, tenant.created["api_keys"][0]["key"])
     tenant.sandbox.ok("POST", "/v1/features", {"key": "tokens"}, 201)
     tenant.sandbox.ok("POST", "/v1/grants", {"end_user_id": "u1", "feature_key": "tokens", "amount": 10}, 201)
-    minted = tenant.sandbox.ok("POST", "/v1/api_keys", {"name": "writer", "scopes": ["usage:write"]}, 201)
-    writer = Api(first.base_url, minted["key"])
+    minted = tenant.sandbox.ok("POST", "/v1/api_keys", {"name": "writer", "scopes": list(scopes)}, 201)
+    return tenant, admin_there, minted, Api(first.base_url, minted["key"])
+
+
+def test_a_key_revoked_in_another_process_is_refused_by_the_next_mutation(two: tuple[Running, Running]) -> None:
+    first, second = two
+    tenant, admin_there, minted, writer = with_writer(first, second)
     assert usage(writer)[0] == 201
     assert usage(writer)[0] == 201  # the first process now answers from its kept principal
     admin_there.ok("DELETE", f"/v1/api_keys/{minted['id']}")
@@ -58,10 +66,7 @@ def test_a_key_revoked_in_another_process_is_refused_by_the_next_mutation(two: t
 
 def test_a_refusal_is_never_answered_from_a_kept_principal(two: tuple[Running, Running]) -> None:
     first, second = two
-    tenant = new_tenant(first.base_url)
-    admin_there = Api(second.base_url, tenant.created["api_keys"][0]["key"])
-    minted = tenant.sandbox.ok("POST", "/v1/api_keys", {"name": "reader", "scopes": ["read"]}, 201)
-    reader = Api(first.base_url, minted["key"])
+    tenant, admin_there, minted, reader = with_writer(first, second, scopes=("read",))
     assert usage(reader)[0] == 403  # the principal is kept, the scope missing
     admin_there.ok("DELETE", f"/v1/api_keys/{minted['id']}")
     status, body = usage(reader)
@@ -72,10 +77,8 @@ def test_a_refusal_is_never_answered_from_a_kept_principal(two: tuple[Running, R
 
 def test_the_sandbox_clock_moved_in_another_process_dates_the_next_mutation(two: tuple[Running, Running]) -> None:
     first, second = two
-    tenant = new_tenant(first.base_url)
-    admin_there = Api(second.base_url, tenant.created["api_keys"][0]["key"])
-    tenant.sandbox.ok("POST", "/v1/features", {"key": "tokens"}, 201)
-    tenant.sandbox.ok("POST", "/v1/grants", {"end_user_id": "u1", "feature_key": "tokens", "amount": 10}, 201)
+    tenant, admin_there, _minted, writer = with_writer(first, second)
+    writer.close()
     assert usage(tenant.sandbox)[0] == 201  # the first process keeps the admin key's principal
     moved = admin_there.ok("POST", "/v1/test_clock/advance", {"seconds": 30 * 86400})["now"]
     status, body = usage(tenant.sandbox)
@@ -91,12 +94,7 @@ def test_a_revoked_key_is_refused_for_the_key_before_its_request_is_refused(two:
     the kept principal of a key another process had revoked (a process that never saw the key
     answered 401). The key is read afresh before any refusal made ahead of the unit of work."""
     first, second = two
-    tenant = new_tenant(first.base_url)
-    admin_there = Api(second.base_url, tenant.created["api_keys"][0]["key"])
-    tenant.sandbox.ok("POST", "/v1/features", {"key": "tokens"}, 201)
-    tenant.sandbox.ok("POST", "/v1/grants", {"end_user_id": "u1", "feature_key": "tokens", "amount": 10}, 201)
-    minted = tenant.sandbox.ok("POST", "/v1/api_keys", {"name": "writer", "scopes": ["usage:write"]}, 201)
-    writer = Api(first.base_url, minted["key"])
+    tenant, admin_there, minted, writer = with_writer(first, second)
     assert usage(writer)[0] == 201
     admin_there.ok("DELETE", f"/v1/api_keys/{minted['id']}")
     assert writer.call("POST", "/v1/usage", content=b"{x").status == 401
@@ -113,12 +111,8 @@ def test_a_request_takes_one_token_of_its_rate_limit_however_its_key_is_confirme
     url = database_url("postgresql", None)  # type: ignore[arg-type]
     limited = Settings(operator_key=OPERATOR_KEY, rate_limit_per_second=5)  # bursts of 10
     with serve(url, limited) as first, serve(url, limited) as second:
-        tenant = new_tenant(first.base_url)
-        admin_there = Api(second.base_url, tenant.created["api_keys"][0]["key"])
-        tenant.sandbox.ok("POST", "/v1/features", {"key": "tokens"}, 201)
-        tenant.sandbox.ok("POST", "/v1/grants", {"end_user_id": "u1", "feature_key": "tokens", "amount": 100}, 201)
-        minted = tenant.sandbox.ok("POST", "/v1/api_keys", {"name": "writer", "scopes": ["usage:write"]}, 201)
-        writer = Api(first.base_url, minted["key"])
+        tenant, admin_there, _minted, writer = with_writer(first, second)
+        tenant.sandbox.ok("POST", "/v1/grants", {"end_user_id": "u1", "feature_key": "tokens", "amount": 90}, 201)
         assert usage(writer)[0] == 201  # kept by the first process from now on
         time.sleep(2.2)  # a full bucket again
         statuses = []
