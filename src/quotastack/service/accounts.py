@@ -135,12 +135,7 @@ class Account:
 
         ``reservations_due=False``: the caller knows no held reservation has expired by ``now_us``.
         """
-        due: list[tuple[int, int, str, str]] = []
-        for row in self.rows.values():
-            if row["status"] == "scheduled" and row["effective_at_us"] <= now_us:
-                due.append((row["effective_at_us"], 0, row["id"], "grant"))
-            if row["status"] != "frozen" and row["expires_at_us"] is not None and row["expires_at_us"] <= now_us:
-                due.append((row["expires_at_us"], 1, row["id"], "expire"))
+        due = [item for row in self.rows.values() for item in _due(row, now_us)]
         if reservations_due:
             for rsv in self.tx.due_reservations(self.ctx.env_id, self.end_user_id, self.feature_key, now_us):
                 due.append((rsv["expires_at_us"], 2, rsv["id"], "reservation"))
@@ -314,11 +309,15 @@ class Account:
                      {"end_user_id": self.end_user_id, "feature_key": self.feature_key} | data)
 
 
-def _due(row: Row, now_us: int) -> bool:
-    """Whether ``settle`` at ``now_us`` writes something for this block (its grant or its expiry)."""
+def _due(row: Row, now_us: int) -> list[tuple[int, int, str, str]]:
+    """What ``settle`` at ``now_us`` writes for this block, as (instant, order, id, kind): its
+    grant when it has taken effect, its expiry when it has expired (both, in that order)."""
+    due = []
     if row["status"] == "scheduled" and row["effective_at_us"] <= now_us:
-        return True
-    return row["status"] != "frozen" and row["expires_at_us"] is not None and row["expires_at_us"] <= now_us
+        due.append((row["effective_at_us"], 0, row["id"], "grant"))
+    if row["status"] != "frozen" and row["expires_at_us"] is not None and row["expires_at_us"] <= now_us:
+        due.append((row["expires_at_us"], 1, row["id"], "expire"))
+    return due
 
 
 def record_event(tx: Tx, ctx: Ctx, event_type: str, data: dict[str, Any]) -> Row:
