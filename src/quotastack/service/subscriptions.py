@@ -110,6 +110,15 @@ def ensure_subscription(tx: Tx, ctx: Ctx, end_user_id: str) -> Row | None:
     return start(tx, ctx, end_user_id, variant, ctx.now_us, None, "UTC", auto_renew=True, metadata=None)
 
 
+def needs_no_write(subscription: Row | None, default_plan: bool, now_us: int) -> bool:
+    """Whether ``ensure_subscription`` would write nothing for an existing end user whose live
+    subscription is ``subscription`` (a row with its ``next_due_us``, or None): one with no
+    boundary due by ``now_us``, or none and no default plan to start."""
+    if subscription is None:
+        return not default_plan
+    return subscription["next_due_us"] is None or subscription["next_due_us"] > now_us
+
+
 def start(tx: Tx, ctx: Ctx, end_user_id: str, variant: Row, start_us: int, trial: Duration | None,
           tz_name: str, *, auto_renew: bool, metadata: Any) -> Row:
     """Insert a live subscription and grant the windows that contain ``ctx.now_us``."""

@@ -17,7 +17,7 @@ from .codec import dumps
 from .context import Ctx
 from .features import Feature, Features, Terms, cost, feature_in, metered, plan_terms, terms_in
 from .ports import Row, Tx
-from .subscriptions import ensure_subscription
+from .subscriptions import ensure_subscription, needs_no_write
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,18 +83,14 @@ def record_usage(tx: Tx, ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
         features.known(feature.credit_pool, feature_in(state, "p_"))  # type: ignore[arg-type]
     usage = prepare(features, ctx, data)
     assert state is not None  # prepare refuses an unknown feature
-    terms: Terms | None = None
-    sub_id, due_us = state["s_id"], state["s_next_due_us"]
-    if sub_id is not None and (due_us is None or due_us > ctx.now_us):
-        terms = terms_in(state, state["s_variant_id"], usage.feature)
-    elif sub_id is None and not state["default_plan"]:
-        terms = Terms(None, None)
+    sub = None if state["s_id"] is None else {"variant_id": state["s_variant_id"], "next_due_us": state["s_next_due_us"]}
     loaded: Loaded | None = None
-    if terms is None:
+    if needs_no_write(sub, bool(state["default_plan"]), ctx.now_us):
+        terms = terms_in(state, sub and sub["variant_id"], usage.feature)
+        loaded = Loaded(blocks, int(state["held_reserved"] or 0), state["held_first_expiry_us"])
+    else:
         sub = ensure_subscription(tx, ctx, end_user_id)
         terms = plan_terms(tx, sub and sub["variant_id"], usage.feature)
-    else:
-        loaded = Loaded(blocks, int(state["held_reserved"] or 0), state["held_first_expiry_us"])
     terms.require_enabled(usage.feature)
     account = Account(tx, ctx, end_user_id, usage.charged.key, usage.charged.precision, loaded)
     return charge(tx, ctx, usage, terms, account)
@@ -222,14 +218,10 @@ def _fast_lane(tx: Tx, ctx: Ctx, users: list[str], usages: list[Usage],
         if user not in existing:
             continue  # its first mention creates it: one by one
         sub = live.get(user)
-        if sub is None:
-            if has_default is None:
-                has_default = tx.default_variant(ctx.env_id) is not None
-            if has_default:
-                continue  # it starts on the default plan: one by one
-            eligible[user] = None
-        elif sub["next_due_us"] is None or sub["next_due_us"] > ctx.now_us:
-            eligible[user] = sub["variant_id"]
+        if sub is None and has_default is None:
+            has_default = tx.default_variant(ctx.env_id) is not None
+        if needs_no_write(sub, bool(has_default), ctx.now_us):  # else its boundaries first: one by one
+            eligible[user] = sub and sub["variant_id"]
     if not eligible:
         return {}
     charged_keys = sorted({u.charged.key for u in usages if u.end_user_id in eligible})
