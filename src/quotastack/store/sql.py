@@ -445,7 +445,7 @@ class SqlTx:
 
     def key_principals(self) -> list[Row]:
         """``key_principal`` of every key (revoked ones too), each with its ``key_hash``."""
-        return self.all(_PRINCIPALS.replace("SELECT ", "SELECT k.key_hash, ", 1) + "ORDER BY k.env_id, k.seq")
+        return self.all("SELECT k.key_hash, " + _PRINCIPAL + _PRINCIPAL_FROM + "ORDER BY k.env_id, k.seq")
 
     # ---- housekeeping -------------------------------------------------------------------------
 
@@ -454,8 +454,9 @@ class SqlTx:
                                 {"c": cutoff_us}).rowcount)
 
 
-_PRINCIPALS = ("SELECT k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
-               "FROM api_keys k JOIN environments e ON e.id = k.env_id ")
+# An API key's principal: its columns, and where they come from.
+_PRINCIPAL = "k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
+_PRINCIPAL_FROM = "FROM api_keys k JOIN environments e ON e.id = k.env_id "
 # The entitlement check's columns; ``{env}``, ``{t}`` and ``{u}`` are the environment, the instant
 # and the end user.
 _SNAPSHOT = (
@@ -504,12 +505,8 @@ _HORIZON = (
 # The statements are built once: formatting them per check cost more than a tenth of a check.
 _ENTITLEMENT_SNAPSHOT = ("SELECT " + _SNAPSHOT.format(env=":e", t=":t", u=":u") + "FROM features f "
                          + _SNAPSHOT_JOINS.format(u=":u") + "WHERE f.env_id = :e AND f.key = :k")
-_CHECK_FROM = (
-    ", k.id AS key_id, k.env_id, k.scopes, k.revoked_at_us, e.tenant_id, e.kind, e.clock_offset_us "
-    "FROM api_keys k JOIN environments e ON e.id = k.env_id "
-    "LEFT JOIN features f ON f.env_id = k.env_id AND f.key = :k " + _SNAPSHOT_JOINS.format(u=":u")
-    + "WHERE k.key_hash = :h"
-)
+_CHECK_FROM = (", " + _PRINCIPAL + _PRINCIPAL_FROM + "LEFT JOIN features f ON f.env_id = k.env_id AND f.key = :k "
+               + _SNAPSHOT_JOINS.format(u=":u") + "WHERE k.key_hash = :h")
 _CHECK_AT = {"env": "k.env_id", "t": "(:now + e.clock_offset_us)", "u": ":u"}
 _CHECK_SNAPSHOT = "SELECT " + _SNAPSHOT.format(**_CHECK_AT) + _CHECK_FROM
 _CHECK_SNAPSHOT_HORIZON = "SELECT " + _SNAPSHOT.format(**_CHECK_AT) + _HORIZON.format(**_CHECK_AT) + _CHECK_FROM
@@ -547,17 +544,13 @@ _USAGE_STATE = (
     "AND r.status = 'held') AS held_reserved, "
     "(SELECT MIN(r.expires_at_us + 0) FROM reservations r WHERE r.env_id = :e AND r.end_user_id = :u "
     "AND r.charged_feature_key = COALESCE(f.credit_pool, f.key) AND r.status = 'held') AS held_first_expiry_us, b.* "
-    "FROM features f "
-    "LEFT JOIN features pf ON pf.env_id = f.env_id AND pf.key = f.credit_pool "
-    "LEFT JOIN subscriptions s ON s.env_id = f.env_id AND s.end_user_id = :u AND s.live = :yes "
-    "LEFT JOIN variant_entitlements eo ON eo.variant_id = s.variant_id AND eo.feature_key = f.key "
-    "LEFT JOIN variant_entitlements ep ON ep.variant_id = s.variant_id AND ep.feature_key = f.credit_pool "
-    "LEFT JOIN blocks b ON b.env_id = f.env_id AND b.end_user_id = :u "
+    "FROM features f " + _SNAPSHOT_JOINS.format(u=":u")
+    + "LEFT JOIN blocks b ON b.env_id = f.env_id AND b.end_user_id = :u "
     "AND b.feature_key = COALESCE(f.credit_pool, f.key) AND b.status IN ('active', 'scheduled', 'frozen') "
     "WHERE f.env_id = :e AND f.key = :k ORDER BY b.seq"
 )
 
-_KEY_PRINCIPAL = _PRINCIPALS + "WHERE k.key_hash = :h"
+_KEY_PRINCIPAL = "SELECT " + _PRINCIPAL + _PRINCIPAL_FROM + "WHERE k.key_hash = :h"
 
 _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -582,15 +575,12 @@ def _in_list(prefix: str, values: Sequence[Any], params: dict[str, Any]) -> str:
         params[f"{prefix}{i}"] = value
     for i in range(count, padded):
         params[f"{prefix}{i}"] = values[-1]
-    return _IN_MARKS[prefix, padded] if (prefix, padded) in _IN_MARKS else _in_marks(prefix, padded)
+    return _in_marks(prefix, padded)
 
 
-_IN_MARKS: dict[tuple[str, int], str] = {}
-
-
+@lru_cache(maxsize=256)
 def _in_marks(prefix: str, count: int) -> str:
-    marks = _IN_MARKS[prefix, count] = ", ".join(f":{prefix}{i}" for i in range(count))
-    return marks
+    return ", ".join(f":{prefix}{i}" for i in range(count))
 
 
 @lru_cache(maxsize=2048)
