@@ -233,18 +233,19 @@ def in_turn(pg: object, holder: Callable[[Any], None], waiter: Callable[[Any], N
     return order
 
 
+def locking(env_id: int, user: str, now_us: int) -> Callable[[Any], None]:
+    """A unit of work that locks ``user``. The lock goes to the server with the next read
+    (pipeline mode), as in every service: a waiter's read waits for the holder to commit."""
+    def run(tx: Any) -> None:
+        tx.lock_end_user(env_id, user, now_us)
+        tx.live_subscription(env_id, user)
+    return run
+
+
 def test_lock_end_user_creates_the_end_user_once_and_serialises_writers(pg: object) -> None:
     env_id, user = random.randrange(10**12, 10**13), "racer"
 
-    def lock(now_us: int) -> Callable[[Any], None]:
-        def run(tx: Any) -> None:
-            tx.lock_end_user(env_id, user, now_us)
-            # The lock goes to the server with the next read (pipeline mode), as in every service;
-            # the waiter's read waits for the holder to commit its new row.
-            tx.live_subscription(env_id, user)
-        return run
-
-    assert in_turn(pg, lock(1), lock(2)) == ["holder", "waiter"]
+    assert in_turn(pg, locking(env_id, user, 1), locking(env_id, user, 2)) == ["holder", "waiter"]
     with pg.reader() as tx:  # type: ignore[attr-defined]
         found = tx.all("SELECT created_at_us FROM end_users WHERE env_id = :e AND end_user_id = :u",
                        {"e": env_id, "u": user})
@@ -263,13 +264,7 @@ def test_lock_end_user_on_an_existing_end_user_writes_no_row_version_and_still_s
 
     before = version()
 
-    def lock(now_us: int) -> Callable[[Any], None]:
-        def run(tx: Any) -> None:
-            tx.lock_end_user(env_id, user, now_us)
-            tx.live_subscription(env_id, user)
-        return run
-
-    assert in_turn(pg, lock(2), lock(3)) == ["holder", "waiter"]
+    assert in_turn(pg, locking(env_id, user, 2), locking(env_id, user, 3)) == ["holder", "waiter"]
     assert version() == before  # locked twice since, never rewritten
 
 
