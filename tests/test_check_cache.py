@@ -225,13 +225,18 @@ def test_metrics_count_what_the_cache_answered(server: Server, api: Api) -> None
     assert "quotastack_check_cache_entries " in text
 
 
-def test_the_cache_keeps_at_most_its_size(tmp_path: Path) -> None:
+@contextmanager
+def six_end_users_and_room_for_three(tmp_path: Path) -> Iterator[tuple[Running, Api, Any]]:
+    """A server keeping at most 3 answers; end users u0…u5 granted 1…6 ``api_calls``."""
     with sqlite_server(database_url("sqlite", tmp_path), check_cache_entries=3) as (running, tenant):
         api = tenant.sandbox
-        cache = running.app.app.state.check_cache
         feature(api, "api_calls")
         for n in range(6):
             grant(api, f"u{n}", "api_calls", n + 1)
+        yield running, api, running.app.app.state.check_cache
+
+def test_the_cache_keeps_at_most_its_size(tmp_path: Path) -> None:
+    with six_end_users_and_room_for_three(tmp_path) as (running, api, cache):
         for n in range(6):
             assert check(api, f"u{n}")["balance"] == n + 1
             assert len(cache) <= 3
@@ -430,12 +435,7 @@ def test_a_run_warmed_while_a_write_lands_is_not_kept(tmp_path: Path, monkeypatc
 
 
 def test_warming_fills_the_cache_without_evicting(tmp_path: Path) -> None:
-    with sqlite_server(database_url("sqlite", tmp_path), check_cache_entries=3) as (running, tenant):
-        api = tenant.sandbox
-        cache = running.app.app.state.check_cache
-        feature(api, "api_calls")
-        for n in range(6):
-            grant(api, f"u{n}", "api_calls", n + 1)
+    with six_end_users_and_room_for_three(tmp_path) as (running, api, cache):
         assert check(api, "u5")["balance"] == 6
         assert running.on_loop(cache.warm()) == 2
         assert sorted(cache._users) == ["u0", "u1", "u5"]  # the first two in id order; u5 stays
