@@ -142,7 +142,7 @@ class CheckCache:
         """Keep ``body``, read at ``real_now_us`` when the cache was at ``generation`` and true until
         ``until_us`` (real time; None: until a write)."""
         with self._lock:
-            if generation != self.generation or self.max_entries <= 0:
+            if generation != self.generation:
                 return
             key = f"{env_id}\0{feature_key}\0{units}"
             entries = self._users.get(end_user_id)
